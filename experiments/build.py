@@ -1,0 +1,46 @@
+"""Config -> library objects, shared by every study runner."""
+
+from __future__ import annotations
+
+import ml_collections
+import optax
+
+from jaxtickets import data as data_lib
+from jaxtickets import models
+from jaxtickets import train as train_lib
+from jaxtickets.errors import UserError
+
+AUGMENTS = {"none": None, "crop_flip": train_lib.crop_flip}
+
+
+def dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+  image_size = config.image_size if config.dataset == "digits" else None
+  return data_lib.load_dataset(config.dataset, data_dir=config.data_dir, image_size=image_size)
+
+
+def model(config: ml_collections.ConfigDict, num_classes: int, **overrides):
+  options = {**config.model_options.to_dict(), "dtype": config.dtype, **overrides}
+  return models.get_model(config.model, num_classes=num_classes, **options)
+
+
+def augment(config: ml_collections.ConfigDict) -> train_lib.Augment | None:
+  if config.augment not in AUGMENTS:
+    raise UserError(f"unknown augment {config.augment!r}; known: {', '.join(AUGMENTS)}")
+  return AUGMENTS[config.augment]
+
+
+def schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  if config.schedule == "cosine":
+    return train_lib.cosine_schedule(config.learning_rate, config.epochs * steps_per_epoch)
+  if config.schedule == "multistep":
+    return train_lib.multistep_schedule(config.learning_rate, steps_per_epoch, config.milestones,
+                                        config.gamma)
+  if config.schedule == "constant":
+    return optax.constant_schedule(config.learning_rate)
+  raise UserError(f"unknown schedule {config.schedule!r}; known: cosine, multistep, constant")
+
+
+def optimizer(config: ml_collections.ConfigDict,
+              steps_per_epoch: int) -> optax.GradientTransformation:
+  return train_lib.sgd(schedule(config, steps_per_epoch), momentum=config.momentum,
+                       weight_decay=config.weight_decay)

@@ -1,0 +1,67 @@
+"""Shared command line for the study runners: ``--config PRESET --workdir DIR [--set k=v ...]``.
+
+Bad input (unknown preset or key, anything raising ``UserError``) prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import Any
+
+import ml_collections
+
+from jaxtickets.errors import UserError
+
+
+def parse_value(text: str) -> Any:
+  """``"0.1" -> 0.1``, ``"[1, 2]" -> [1, 2]``, anything else stays a string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  """Applies ``key.sub=value`` strings to ``config`` in place; unknown keys are a UserError."""
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise UserError(f"--set expects key=value, got {item!r}")
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+      if node is None:
+        raise UserError(f"unknown config key {key!r}")
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise UserError(f"unknown config key {key!r}")
+    node[leaf] = parse_value(value)
+
+
+def load_config(configs: ModuleType, preset: str | None,
+                overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  config = configs.get_config(preset) if preset else configs.get_config()
+  apply_overrides(config, overrides)
+  return config
+
+
+def main(run: Callable[[ml_collections.ConfigDict, str], Any], configs: ModuleType,
+         argv: Sequence[str] | None = None) -> None:
+  """Parses arguments, builds the config and calls ``run(config, workdir)``."""
+  parser = argparse.ArgumentParser(description=(sys.modules[run.__module__].__doc__ or "")
+                                   .strip().splitlines()[0])
+  parser.add_argument("--config", default=None,
+                      help=f"preset name, one of: {', '.join(configs.PRESETS)}")
+  parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a config field (repeatable)")
+  args = parser.parse_args(argv)
+  try:
+    run(load_config(configs, args.config, args.overrides), args.workdir)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,59 @@
+"""Configs for dense training (the baseline every study compares against).
+
+Presets: ``digits_convnet3`` (the demo's run), ``small`` (seconds; the tests' run),
+``cifar10_resnet18`` (the RST paper's dense recipe without adversarial training).
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+
+def _base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.dataset = "digits"
+  c.data_dir = None  # For tfds datasets; defaults to $TFDS_DATA_DIR.
+  c.image_size = 16  # digits only: 8, 16 or 32.
+  c.model = "convnet3"
+  c.model_options = ml_collections.ConfigDict()
+  c.dtype = "float32"
+  c.batch_size = 64
+  c.epochs = 15
+  c.learning_rate = 0.01
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.schedule = "cosine"  # or "multistep" with milestones (epochs) and gamma.
+  c.milestones = ()
+  c.gamma = 0.1
+  c.augment = "none"  # or "crop_flip"; flipping digits changes their meaning.
+  c.seed = 0
+  return c
+
+
+def _small() -> ml_collections.ConfigDict:
+  c = _base()
+  c.image_size = 8
+  c.model_options.width = 16
+  c.epochs = 3
+  return c
+
+
+def _cifar10_resnet18() -> ml_collections.ConfigDict:
+  c = _base()
+  c.dataset = "cifar10"
+  c.image_size = None
+  c.model = "resnet18"
+  c.batch_size = 256
+  c.epochs = 160
+  c.learning_rate = 0.1
+  c.schedule = "multistep"
+  c.milestones = (80, 120)
+  c.augment = "crop_flip"
+  return c
+
+
+PRESETS = {"digits_convnet3": _base, "small": _small, "cifar10_resnet18": _cifar10_resnet18}
+
+
+def get_config(preset: str = "digits_convnet3") -> ml_collections.ConfigDict:
+  return common.select(PRESETS, preset)

@@ -1,0 +1,104 @@
+"""The one place that talks to orbax.
+
+A run directory holds ``config.json`` (what produced it) and ``checkpoints/<step>/``. A run is
+only resumed by the same config: anything else is a :class:`UserError`, and nothing in the
+directory is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxtickets.errors import UserError
+
+PyTree = Any
+
+
+def _canonical(config: Any) -> str:
+  return json.dumps(config, sort_keys=True, default=str)
+
+
+def claim_workdir(workdir: str | pathlib.Path, config: dict[str, Any]) -> pathlib.Path:
+  """Creates ``workdir`` for ``config`` or checks that it already belongs to ``config``.
+
+  Raises:
+    UserError: the directory holds a run of a different config.
+  """
+  workdir = pathlib.Path(workdir)
+  config_path = workdir / "config.json"
+  if config_path.exists():
+    if _canonical(json.loads(config_path.read_text())) != _canonical(config):
+      raise UserError(f"workdir {workdir} holds a run of a different config; "
+                      "use a new --workdir or delete it")
+    return workdir
+  if workdir.exists() and any(workdir.iterdir()):
+    raise UserError(f"workdir {workdir} is not empty and holds no config.json; "
+                    "use a new --workdir")
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_path.write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+  return workdir
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str:
+  """orbax's name for a leaf: its keys, attribute names and indices joined by dots."""
+  return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _leaf_specs(tree: PyTree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  return {_leaf_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class Checkpointer:
+  """Saves and restores pytrees (train states, populations, tickets) by step.
+
+  Saving blocks until the files are committed, so a process killed at any moment leaves either
+  the previous or the new checkpoint (orbax writes to a temporary directory and renames it).
+  """
+
+  def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
+    self.directory = pathlib.Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, tree: PyTree) -> None:
+    self._manager.save(int(step), args=ocp.args.StandardSave(tree))
+    self._manager.wait_until_finished()
+
+  def restore(self, template: PyTree, step: int | None = None) -> PyTree:
+    """Restores the checkpoint at ``step`` (default: latest) into the structure of ``template``.
+
+    Raises:
+      UserError: no checkpoint, or its leaves differ in path, shape or dtype from ``template``.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise UserError(f"no checkpoint in {self.directory}")
+    saved = _leaf_specs(self._manager.item_metadata(step).tree)
+    expected = _leaf_specs(template)
+    if saved != expected:
+      leaf = next(name for name in sorted(saved.keys() | expected.keys())
+                  if saved.get(name) != expected.get(name))
+      raise UserError(f"checkpoint {self.directory}/{step} does not match this run: leaf {leaf!r} "
+                      f"is {saved.get(leaf)} there, {expected.get(leaf)} here")
+    return self._manager.restore(step, args=ocp.args.StandardRestore(template))
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

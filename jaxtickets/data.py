@@ -1,0 +1,583 @@
+"""Datasets as uint8 arrays, and the on-device input pipeline that batches and augments them.
+
+Loading happens once, on the host, into a :class:`Dataset` of uint8 NHWC images and int32 labels.
+Everything after that is a pure ``jnp`` function of a PRNG key and a step number, so a population
+of models can ``vmap`` the whole pipeline with one key per member, inside ``jit``:
+
+    ds = load_dataset("digits", image_size=32)
+    images, labels = jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels)
+    x, y = get_batch(key, step, images, labels, batch_size=128)
+    x = normalize(to_unit(random_crop_flip(augment_key, x)), ds.mean, ds.std)
+
+Sources: scikit-learn's bundled ``digits``; the TFDS datasets in :data:`TFDS_NAMES` (read from an
+``array_record`` preparation, which needs no TensorFlow); and ``npz:PATH`` files in either the
+MedMNIST layout or the JPEG-packed CIFAR-10 layout (see :func:`load_dataset`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from jaxtickets.errors import UserError
+
+TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped", "mnist", "fashion_mnist")
+KNOWN_NAMES = ("digits", *TFDS_NAMES, "npz:PATH")
+
+DIGITS_IMAGE_SIZES = (8, 16, 32)
+# Test share of the fixed digits split; the seed makes the split the same on every machine.
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+
+# The statistics published with (and used by every reference implementation for) CIFAR, so that
+# models trained here see the same inputs as the papers' models.
+_CANONICAL_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+# Images per host thread task: large enough that thread hand-off is negligible next to decoding.
+_CHUNK = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split of a dataset, in host memory.
+
+  Attributes:
+    images: u8[N, H, W, C] pixels.
+    labels: i32[N] class indices.
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A labelled image dataset with its normalization statistics.
+
+  Attributes:
+    name: short name ("digits", "cifar10", or the stem of an npz file).
+    train: the training split.
+    test: the test split.
+    val: the validation split, or None when the source has none (see :func:`with_validation`).
+    num_classes: number of classes; labels lie in [0, num_classes).
+    mean: per-channel mean of training pixels scaled to [0, 1], length C.
+    std: per-channel standard deviation of training pixels scaled to [0, 1], length C.
+  """
+
+  name: str
+  train: Split
+  test: Split
+  val: Split | None
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of every image."""
+    return tuple(self.train.images.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_dataset(
+    name: str, *, data_dir: str | None = None, image_size: int | None = None
+) -> Dataset:
+  """Loads a dataset into host memory as uint8 images and int32 labels.
+
+  Sources by ``name``:
+
+  * ``"digits"``: scikit-learn's 1,797 8x8 grayscale digits (values 0..16 mapped to 0..255), split
+    80/20 into train/test, stratified by class with a fixed seed (the same split everywhere).
+  * ``"cifar10"``, ``"cifar100"``, ``"svhn_cropped"``, ``"mnist"``, ``"fashion_mnist"``: TFDS
+    datasets, read from ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``.
+    They must have been prepared in the ``array_record`` format, which TFDS reads with NumPy and
+    Pillow alone (the default ``tfrecord`` format needs TensorFlow to read). Prepare once with::
+
+        pip install '.[tfds-prepare]'
+        tfds build cifar10 --data_dir DIR --file_format=array_record
+
+    A ``tfrecord`` preparation converts in place with
+    ``tfds convert_format --dataset_dir DIR/cifar10 --out_file_format=array_record``.
+  * ``"npz:PATH"``: a NumPy ``.npz`` file (name = file stem), in one of two layouts:
+
+    - MedMNIST: ``{train,val,test}_images`` u8[N, H, W] or u8[N, H, W, C] and
+      ``{train,val,test}_labels`` of shape [N] or [N, 1]; the ``val_*`` pair is optional.
+      num_classes = largest label + 1.
+    - JPEG-packed: ``{train,test}_jpeg`` u8[bytes], ``{train,test}_offsets`` i64[N + 1] (image i
+      is ``jpeg[offsets[i]:offsets[i + 1]]``), ``{train,test}_labels`` [N] and optional
+      ``classes`` str[K] (num_classes = K, else largest label + 1). Decoded to RGB with Pillow.
+
+  Normalization statistics are the canonical ones for CIFAR-10/100 from TFDS and are computed
+  from the training pixels for every other source.
+
+  Args:
+    name: a source name as above.
+    data_dir: TFDS data directory (TFDS sources only).
+    image_size: resize images to image_size x image_size (bilinear); for digits one of
+      :data:`DIGITS_IMAGE_SIZES`. None keeps the source's size.
+
+  Returns:
+    The dataset; ``val`` is None unless the source has a validation split.
+
+  Raises:
+    UserError: unknown name, bad ``image_size``, unprepared TFDS data, or a malformed npz file.
+  """
+  if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
+    raise UserError(f"image_size={image_size!r}; expected a positive int or None")
+  if name == "digits":
+    if image_size is not None and image_size not in DIGITS_IMAGE_SIZES:
+      raise UserError(f"image_size={image_size!r} for digits; choose one of {DIGITS_IMAGE_SIZES}")
+    splits, num_classes = _load_digits()
+  elif name in TFDS_NAMES:
+    splits, num_classes = _load_tfds(name, data_dir)
+  elif name.startswith("npz:"):
+    path = pathlib.Path(name.removeprefix("npz:"))
+    splits, num_classes = _load_npz(path)
+    name = path.stem
+  else:
+    raise UserError(f"unknown dataset {name!r}; known: {', '.join(KNOWN_NAMES)}")
+
+  if image_size is not None:
+    splits = {key: Split(_resize(split.images, image_size), split.labels)
+              for key, split in splits.items()}
+  if name in _CANONICAL_STATS:
+    mean, std = _CANONICAL_STATS[name]
+  else:
+    mean, std = _channel_stats(splits["train"].images)
+  return Dataset(name=name, train=splits["train"], test=splits["test"], val=splits.get("val"),
+                 num_classes=num_classes, mean=mean, std=std)
+
+
+def _load_digits() -> tuple[dict[str, Split], int]:
+  """The digits train/test splits (u8[N, 8, 8, 1]) and the class count."""
+  from sklearn.datasets import load_digits  # noqa: PLC0415  (scikit-learn imports slowly)
+
+  bunch = load_digits()
+  images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = bunch.target.astype(np.int32)
+  test_index = _stratified_sample(labels, _DIGITS_TEST_FRACTION, seed=_DIGITS_SPLIT_SEED)
+  train_index = np.setdiff1d(np.arange(len(labels)), test_index)
+  splits = {"train": Split(images[train_index], labels[train_index]),
+            "test": Split(images[test_index], labels[test_index])}
+  return splits, int(labels.max()) + 1
+
+
+def _load_tfds(name: str, data_dir: str | None) -> tuple[dict[str, Split], int]:
+  """The train/test splits of a TFDS dataset prepared as array_record, and its class count."""
+  # Imported here: TFDS is only needed for these sources and costs import time for all others.
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+  prepare = (f"pip install '.[tfds-prepare]' && tfds build {name} --data_dir {root} "
+             "--file_format=array_record")
+  try:
+    builder = tfds.builder(name, data_dir=root)
+    if not builder.is_prepared():
+      raise UserError(f"tfds dataset {name!r} is not prepared in {root}; prepare it with: {prepare}")
+    try:
+      sources = builder.as_data_source()
+    except NotImplementedError:
+      raise UserError(
+          f"tfds dataset {name!r} in {root} is stored as {builder.info.file_format.value}, which "
+          f"needs TensorFlow to read; convert it with: tfds convert_format --dataset_dir "
+          f"{os.path.join(root, name)} --out_file_format=array_record") from None
+    image_key, label_key = builder.info.supervised_keys
+    image_shape = builder.info.features[image_key].shape
+    splits = {split: _read_records(sources[split], image_key, label_key, image_shape)
+              for split in ("train", "test")}
+    num_classes = builder.info.features[label_key].num_classes
+  except UserError:
+    raise
+  except Exception as error:  # TFDS raises many types; users need one line, not a traceback.
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    raise UserError(f"cannot read tfds dataset {name!r} from {root}: {type(error).__name__}: "
+                    f"{reason} (prepare it with: {prepare})") from error
+  return splits, num_classes
+
+
+def _read_records(source: Sequence[dict], image_key: str, label_key: str,
+                  image_shape: tuple[int, ...]) -> Split:
+  """Reads every record of a TFDS random-access source into a Split (u8[N, *image_shape])."""
+  count = len(source)
+  images = np.empty((count, *image_shape), np.uint8)
+  labels = np.empty((count,), np.int32)
+
+  def fill(start: int, stop: int) -> None:
+    for offset, record in enumerate(source.__getitems__(range(start, stop))):
+      images[start + offset] = record[image_key]
+      labels[start + offset] = record[label_key]
+
+  _fill_in_chunks(count, fill)
+  return Split(images, labels)
+
+
+def _load_npz(path: pathlib.Path) -> tuple[dict[str, Split], int]:
+  """The splits and class count of an npz file in the MedMNIST or JPEG-packed layout."""
+  if not path.is_file():
+    raise UserError(f"npz file not found: {path}")
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      arrays = {key: archive[key] for key in archive.files}
+  except Exception as error:  # Zip, pickle and format errors all mean "not a usable npz".
+    raise UserError(f"{path}: not a readable .npz file ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0] if str(error) else ''})") from error
+
+  if "train_jpeg" in arrays:
+    split_names, read_split = ("train", "test"), _jpeg_split
+  else:
+    split_names = ("train", "val", "test") if "val_images" in arrays or "val_labels" in arrays \
+        else ("train", "test")
+    read_split = _medmnist_split
+  splits = {split: read_split(path, arrays, split) for split in split_names}
+
+  max_label = max(int(split.labels.max(initial=-1)) for split in splits.values())
+  if "classes" in arrays:
+    num_classes = len(arrays["classes"])
+    if max_label >= num_classes:
+      raise UserError(f"{path}: a label is {max_label} but 'classes' names only {num_classes}")
+  else:
+    num_classes = max_label + 1
+  return splits, num_classes
+
+
+def _medmnist_split(path: pathlib.Path, arrays: dict[str, np.ndarray], split: str) -> Split:
+  """The `split` of a MedMNIST-layout archive, with u8[N, H, W] images given a channel axis."""
+  images = _require(path, arrays, f"{split}_images")
+  if images.dtype != np.uint8:
+    raise UserError(f"{path}: array '{split}_images' has dtype {images.dtype}; expected uint8")
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4:
+    raise UserError(f"{path}: array '{split}_images' has shape {images.shape}; expected "
+                    "[N, H, W] or [N, H, W, C]")
+  labels = _labels(path, arrays, split, len(images), f"{split}_images")
+  return Split(np.ascontiguousarray(images), labels)
+
+
+def _jpeg_split(path: pathlib.Path, arrays: dict[str, np.ndarray], split: str) -> Split:
+  """Decodes the `split` of a JPEG-packed archive into u8[N, H, W, 3] with a thread pool."""
+  data = _require(path, arrays, f"{split}_jpeg")
+  offsets = _require(path, arrays, f"{split}_offsets")
+  if data.dtype != np.uint8 or data.ndim != 1:
+    raise UserError(f"{path}: array '{split}_jpeg' has dtype {data.dtype} and shape {data.shape}; "
+                    "expected 1-D uint8 bytes")
+  if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer) or len(offsets) < 2:
+    raise UserError(f"{path}: array '{split}_offsets' has dtype {offsets.dtype} and shape "
+                    f"{offsets.shape}; expected 1-D integers [N + 1]")
+  if offsets[0] < 0 or offsets[-1] > len(data) or np.any(np.diff(offsets) <= 0):
+    raise UserError(f"{path}: array '{split}_offsets' is not increasing within "
+                    f"[0, {len(data)}] (the size of '{split}_jpeg')")
+  count = len(offsets) - 1
+  labels = _labels(path, arrays, split, count, f"{split}_offsets")
+
+  def decode(index: int) -> np.ndarray:
+    try:
+      with Image.open(io.BytesIO(data[offsets[index]:offsets[index + 1]].tobytes())) as image:
+        return np.asarray(image.convert("RGB"))
+    except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError for bad bytes.
+      raise UserError(f"{path}: image {index} of '{split}_jpeg' does not decode "
+                      f"({type(error).__name__})") from error
+
+  first = decode(0)
+  images = np.empty((count, *first.shape), np.uint8)
+
+  def fill(start: int, stop: int) -> None:
+    for index in range(start, stop):
+      image = decode(index)
+      if image.shape != first.shape:
+        raise UserError(f"{path}: image {index} of '{split}_jpeg' is {image.shape}, "
+                        f"image 0 is {first.shape}")
+      images[index] = image
+
+  _fill_in_chunks(count, fill)
+  return Split(images, labels)
+
+
+def _require(path: pathlib.Path, arrays: dict[str, np.ndarray], key: str) -> np.ndarray:
+  """arrays[key], or a UserError naming the file and the missing array."""
+  if key not in arrays:
+    raise UserError(f"{path}: missing array '{key}' (has: {', '.join(sorted(arrays))})")
+  return arrays[key]
+
+
+def _labels(path: pathlib.Path, arrays: dict[str, np.ndarray], split: str, count: int,
+            images_key: str) -> np.ndarray:
+  """The `split`'s labels as i32[count], accepting [N] or MedMNIST's [N, 1].
+
+  Args:
+    path: the npz file, for messages.
+    arrays: the file's arrays.
+    split: "train", "val" or "test".
+    count: number of images in the split.
+    images_key: the array that gave `count`, for messages.
+  """
+  key = f"{split}_labels"
+  labels = _require(path, arrays, key)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise UserError(f"{path}: array '{key}' has dtype {labels.dtype}; expected integers")
+  if labels.ndim == 2 and labels.shape[1] == 1:
+    labels = labels[:, 0]
+  if labels.ndim != 1:
+    raise UserError(f"{path}: array '{key}' has shape {labels.shape}; expected [N] or [N, 1]")
+  if len(labels) != count:
+    raise UserError(f"{path}: array '{key}' has {len(labels)} labels but '{images_key}' "
+                    f"holds {count} images")
+  if count and labels.min() < 0:
+    raise UserError(f"{path}: array '{key}' has a negative label {labels.min()}")
+  return labels.astype(np.int32)
+
+
+def _fill_in_chunks(count: int, fill: Callable[[int, int], None]) -> None:
+  """Calls fill(start, stop) over [0, count) in chunks on a thread pool (Pillow releases the GIL)."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+    # list() waits for every chunk and re-raises the first error in this thread.
+    list(pool.map(lambda start: fill(start, min(start + _CHUNK, count)), range(0, count, _CHUNK)))
+
+
+def _resize(images: np.ndarray, image_size: int) -> np.ndarray:
+  """Bilinear resize of u8[N, H, W, C] to u8[N, image_size, image_size, C]."""
+  count, height, width, channels = images.shape
+  if (height, width) == (image_size, image_size):
+    return images
+  resized = np.empty((count, image_size, image_size, channels), np.uint8)
+
+  def fill(start: int, stop: int) -> None:
+    for index in range(start, stop):
+      # Pillow wants [H, W] for one channel and resizes each channel of [H, W, 3] alike.
+      image = Image.fromarray(images[index, ..., 0] if channels == 1 else images[index])
+      resized[index] = np.asarray(
+          image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+      ).reshape(image_size, image_size, channels)
+
+  _fill_in_chunks(count, fill)
+  return resized
+
+
+def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel mean and std of u8[N, H, W, C] pixels scaled to [0, 1].
+
+  A 256-bin histogram per channel gives exact statistics without a float copy of the images.
+  """
+  levels = np.arange(256) / 255.0
+  means, stds = [], []
+  for channel in range(images.shape[-1]):
+    counts = np.bincount(images[..., channel].ravel(), minlength=256)
+    probabilities = counts / counts.sum()
+    mean = float(probabilities @ levels)
+    means.append(mean)
+    stds.append(float(np.sqrt(probabilities @ (levels - mean) ** 2)))
+  return tuple(means), tuple(stds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting
+
+
+def _stratified_sample(labels: np.ndarray, fraction: float, *, seed: int,
+                       leave_per_class: int = 0) -> np.ndarray:
+  """Sorted indices of a random `fraction` of each class (at least one per class).
+
+  Args:
+    labels: i32[N].
+    fraction: share of each class to take.
+    seed: numpy seed of the draw.
+    leave_per_class: take at most (class size - leave_per_class) of each class, so the rest
+      keeps every class.
+
+  Returns:
+    i64[M] sorted indices into labels.
+  """
+  rng = np.random.default_rng(seed)
+  taken = []
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    count = min(max(1, round(fraction * len(members))), len(members) - leave_per_class)
+    taken.append(rng.choice(members, size=max(count, 0), replace=False))
+  return np.sort(np.concatenate([np.zeros(0, np.int64), *taken]))
+
+
+def with_validation(ds: Dataset, fraction: float, *, seed: int = 0) -> Dataset:
+  """Carves a stratified validation split out of the training split.
+
+  Each class gives round(fraction * class size) of its training examples (at least one, and never
+  its last one) to the validation split; the rest stay in train, in their original order.
+  Normalization statistics are left as they are. A dataset that already has a validation split
+  is returned unchanged.
+
+  Args:
+    ds: the dataset.
+    fraction: share of each class moved to validation, in (0, 1).
+    seed: seed of the draw; the same seed gives the same split.
+
+  Returns:
+    The dataset with ``val`` set and ``train`` reduced accordingly.
+
+  Raises:
+    UserError: fraction outside (0, 1).
+  """
+  if not 0.0 < fraction < 1.0:
+    raise UserError(f"validation fraction={fraction!r}; expected a value in (0, 1)")
+  if ds.val is not None:
+    return ds
+  val_index = _stratified_sample(ds.train.labels, fraction, seed=seed, leave_per_class=1)
+  train_index = np.setdiff1d(np.arange(len(ds.train.labels)), val_index)
+  return dataclasses.replace(ds, train=_take(ds.train, train_index), val=_take(ds.train, val_index))
+
+
+def subsample(split: Split, fraction: float, *, seed: int = 0) -> Split:
+  """A stratified random subset of a split, for reduced-data experiments.
+
+  Args:
+    split: the split.
+    fraction: share of each class to keep (at least one example per class), in (0, 1].
+    seed: seed of the draw; the same seed gives the same subset.
+
+  Returns:
+    The subset, in the split's original order.
+
+  Raises:
+    UserError: fraction outside (0, 1].
+  """
+  if not 0.0 < fraction <= 1.0:
+    raise UserError(f"subsample fraction={fraction!r}; expected a value in (0, 1]")
+  return _take(split, _stratified_sample(split.labels, fraction, seed=seed))
+
+
+def _take(split: Split, index: np.ndarray) -> Split:
+  return Split(split.images[index], split.labels[index])
+
+
+# ----------------------------------------------------------------------------------------------
+# On-device pipeline (pure; jit- and vmap-safe)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches per epoch (the remainder is dropped).
+
+  Raises:
+    UserError: batch_size <= 0 or larger than num_examples.
+  """
+  if not 0 < batch_size <= num_examples:
+    raise UserError(f"batch_size={batch_size} must be in [1, {num_examples}] (the split size)")
+  return num_examples // batch_size
+
+
+def batch_indices(key: jax.Array, step: int | jax.Array, num_examples: int,
+                  batch_size: int) -> jax.Array:
+  """Example indices of batch `step`: each epoch is a fresh permutation, visited in order.
+
+  Every example appears at most once per epoch (exactly once when batch_size divides
+  num_examples). The order depends only on (key, epoch), so a run resumes exactly from a step.
+
+  Args:
+    key: PRNG key of this model's data order.
+    step: global step (may be traced).
+    num_examples: N, the split size (static).
+    batch_size: B (static).
+
+  Returns:
+    i32[B] indices into the split.
+  """
+  per_epoch = steps_per_epoch(num_examples, batch_size)
+  epoch, step_in_epoch = jnp.divmod(step, per_epoch)
+  order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+  return jax.lax.dynamic_slice_in_dim(order, step_in_epoch * batch_size, batch_size).astype(
+      jnp.int32)
+
+
+def get_batch(key: jax.Array, step: int | jax.Array, images: jax.Array, labels: jax.Array,
+              batch_size: int) -> tuple[jax.Array, jax.Array]:
+  """Batch `step` of a whole split held on device (order as in :func:`batch_indices`).
+
+  Args:
+    key: PRNG key of this model's data order.
+    step: global step (may be traced).
+    images: u8[N, H, W, C] the split's images.
+    labels: i32[N] the split's labels.
+    batch_size: B (static).
+
+  Returns:
+    (u8[B, H, W, C] images, i32[B] labels).
+  """
+  index = batch_indices(key, step, images.shape[0], batch_size)
+  return jnp.take(images, index, axis=0), jnp.take(labels, index, axis=0)
+
+
+def random_crop_flip(key: jax.Array, images_u8: jax.Array, *, pad: int = 4) -> jax.Array:
+  """Standard CIFAR augmentation: random crop of the zero-padded image, and a random mirror.
+
+  Each image is padded by `pad` zeros on every side, cropped back to H x W at a uniform offset in
+  [0, 2 * pad] per axis, and mirrored left-right with probability 1/2, independently per image.
+
+  Args:
+    key: PRNG key.
+    images_u8: u8[B, H, W, C].
+    pad: zero padding per side (static); 0 disables the crop.
+
+  Returns:
+    u8[B, H, W, C] augmented images.
+  """
+  count, height, width, channels = images_u8.shape
+  crop_key, flip_key = jax.random.split(key)
+  offsets = jax.random.randint(crop_key, (count, 2), 0, 2 * pad + 1)
+  mirror = jax.random.bernoulli(flip_key, 0.5, (count,))
+  padded = jnp.pad(images_u8, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+  def crop_and_flip(image: jax.Array, offset: jax.Array, flip: jax.Array) -> jax.Array:
+    crop = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (height, width, channels))
+    return jnp.where(flip, crop[:, ::-1], crop)
+
+  return jax.vmap(crop_and_flip)(padded, offsets, mirror)
+
+
+def to_unit(images_u8: jax.Array) -> jax.Array:
+  """u8[..., C] pixels -> f32[..., C] in [0, 1]."""
+  return images_u8.astype(jnp.float32) / 255.0
+
+
+def normalize(x_unit: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+  """(x - mean) / std per channel: f32[..., C] in [0, 1] -> f32[..., C]."""
+  return (x_unit - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def pad_to_batches(images: jax.Array | np.ndarray, labels: jax.Array | np.ndarray,
+                   batch_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Pads a whole split to full batches, for exact evaluation with one compiled shape.
+
+  Args:
+    images: u8[N, H, W, C].
+    labels: i32[N].
+    batch_size: B.
+
+  Returns:
+    (u8[nb, B, H, W, C] images, i32[nb, B] labels, bool[nb, B] valid) with nb = ceil(N / B);
+    padding entries are zeros and have valid False.
+
+  Raises:
+    UserError: batch_size <= 0.
+  """
+  if batch_size <= 0:
+    raise UserError(f"batch_size={batch_size}; expected a positive int")
+  count = images.shape[0]
+  num_batches = -(-count // batch_size)
+  padding = num_batches * batch_size - count
+  images = jnp.pad(jnp.asarray(images), ((0, padding),) + ((0, 0),) * (images.ndim - 1))
+  labels = jnp.pad(jnp.asarray(labels), (0, padding))
+  valid = jnp.arange(num_batches * batch_size) < count
+  return (images.reshape(num_batches, batch_size, *images.shape[1:]),
+          labels.reshape(num_batches, batch_size), valid.reshape(num_batches, batch_size))

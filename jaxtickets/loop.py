@@ -1,0 +1,93 @@
+"""The training loop: compiled chunks of steps, evaluation, JSONL metrics, checkpoints, resume.
+
+Works the same for one model and for a population: it only sees a step function and a state
+whose ``step`` field counts optimizer steps (per member, all equal).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxtickets import checkpoint as checkpoint_lib
+from jaxtickets import metrics as metrics_lib
+from jaxtickets import train as train_lib
+
+Step = Callable[[Any, train_lib.Data], tuple[Any, Mapping[str, jax.Array]]]
+
+
+def _current_step(state: Any) -> int:
+  return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
+
+
+def _mean(metrics: Mapping[str, jax.Array]) -> dict[str, Any]:
+  """Averages over the steps of a chunk (axis 0); population members stay separate."""
+  return {k: np.asarray(v).mean(axis=0) for k, v in jax.device_get(dict(metrics)).items()}
+
+
+def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_every: int,
+        evaluate: Callable[[Any], Mapping[str, Any]] | None = None,
+        workdir: str | pathlib.Path | None = None, progress: bool = True,
+        description: str = "train") -> tuple[Any, list[dict[str, Any]]]:
+  """Trains ``state`` for ``num_steps`` steps, resuming from ``workdir`` when it has a checkpoint.
+
+  Every ``eval_every`` steps (and at the end) it evaluates, appends a record to
+  ``workdir/metrics.jsonl`` and checkpoints. Steps between evaluations run as one compiled
+  ``lax.scan``. Because each step draws its batch from ``(state.key, state.step)``, a resumed run
+  computes exactly what an uninterrupted one would.
+
+  Args:
+    step: ``(state, data) -> (state, metrics)``.
+    state: a ``TrainState`` or a population of them (leading axis).
+    data: the training split.
+    num_steps: total optimizer steps.
+    eval_every: steps between evaluations/checkpoints (usually one epoch).
+    evaluate: ``state -> {name: value}`` for the log, or None.
+    workdir: where metrics and checkpoints go; None keeps everything in memory.
+    progress: show a tqdm bar.
+
+  Returns:
+    The final state and the list of logged records.
+  """
+  log = checkpointer = None
+  if workdir is not None:
+    workdir = pathlib.Path(workdir)
+    log = metrics_lib.MetricsLog(workdir / "metrics.jsonl")
+    checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints")
+    if checkpointer.latest_step() is not None:
+      state = checkpointer.restore(state)
+      log.truncate(_current_step(state))
+  records = log.read() if log else []
+  compiled: dict[int, Callable] = {}
+  start = _current_step(state)
+  with tqdm(total=num_steps, initial=start, desc=description, disable=not progress,
+            dynamic_ncols=True) as bar:
+    while (current := _current_step(state)) < num_steps:
+      chunk = min(eval_every - current % eval_every, num_steps - current)
+      if chunk not in compiled:
+        compiled[chunk] = jax.jit(train_lib.repeat(step, chunk))
+      state, train_metrics = compiled[chunk](state, data)
+      record = {f"train_{k}": v for k, v in _mean(train_metrics).items()}
+      if evaluate is not None:
+        record.update(evaluate(state))
+      current += chunk
+      record = {"step": current, **metrics_lib.jsonable(record)}
+      records.append(record)
+      if log is not None:
+        log.write(**record)
+        checkpointer.save(current, state)
+      bar.update(chunk)
+      bar.set_postfix({k: _short(v) for k, v in record.items() if k != "step"}, refresh=False)
+  if checkpointer is not None:
+    checkpointer.close()
+  return state, records
+
+
+def _short(value: Any) -> str:
+  value = np.asarray(value)
+  return f"{value.mean():.4g}" if value.size else ""

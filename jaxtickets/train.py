@@ -1,0 +1,202 @@
+"""Pure train and eval steps shared by every study.
+
+A study describes its network as an ``ApplyFn`` — ``(params, batch_stats, x, train, key) ->
+(logits, batch_stats)`` on pixels in [0, 1] — so a dense net, a masked net (scores + frozen
+weights) or a net with interpolated norm layers all train through the same step. A step is a
+pure function ``(TrainState, Data) -> (TrainState, metrics)``: it draws its own batch from the
+whole split with the member's key, so a population of states is just a leading axis for
+``jax.vmap`` / ``lax.map`` (see ``population.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtickets import data as data_lib
+
+PyTree = Any
+ApplyFn = Callable[..., tuple[jax.Array, PyTree]]
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class TrainState(NamedTuple):
+  """Everything that changes during training; one member of a population.
+
+  Attributes:
+    step: i32[] number of optimizer steps taken.
+    params: the trained pytree (weights, or scores + frozen weights, ...).
+    batch_stats: BatchNorm running statistics ({} for models without BatchNorm).
+    opt_state: optax state of ``params``.
+    key: u32[2] this member's PRNG key; fixes its data order and augmentation draws.
+  """
+  step: jax.Array
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: optax.OptState
+  key: jax.Array
+
+
+class Data(NamedTuple):
+  """A whole split in device memory.
+
+  Attributes:
+    images: u8[N, H, W, C].
+    labels: i32[N].
+  """
+  images: jax.Array
+  labels: jax.Array
+
+
+def device_data(split: data_lib.Split) -> Data:
+  return Data(jnp.asarray(split.images), jnp.asarray(split.labels, jnp.int32))
+
+
+def model_apply_fn(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> ApplyFn:
+  """The ``ApplyFn`` of a plain Flax model: normalization happens inside, on [0, 1] pixels.
+
+  Keeping normalization inside the function lets attacks work in pixel space, where epsilon
+  balls and the [0, 1] box are defined.
+  """
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+
+  def apply_fn(params, batch_stats, x, train, key=None):
+    del key  # Plain models are deterministic given their inputs.
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    x = (x - mean) / std
+    if train and batch_stats:
+      logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      return logits, updates["batch_stats"]
+    return model.apply(variables, x, train=train), batch_stats
+
+  return apply_fn
+
+
+def init_variables(key: jax.Array, model: nn.Module,
+                   image_shape: Sequence[int]) -> tuple[PyTree, PyTree]:
+  """Returns ``(params, batch_stats)`` of ``model`` for images of ``image_shape`` (H, W, C)."""
+  variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  return variables["params"], variables.get("batch_stats", {})
+
+
+def create_train_state(key: jax.Array, params: PyTree, batch_stats: PyTree,
+                       optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params), key)
+
+
+def sgd(learning_rate: float | optax.Schedule, *, momentum: float = 0.9,
+        weight_decay: float = 5e-4, nesterov: bool = False) -> optax.GradientTransformation:
+  """SGD with PyTorch's coupled weight decay (the decay term enters the momentum buffer)."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
+
+
+def multistep_schedule(base_lr: float, steps_per_epoch: int, milestones: Sequence[int],
+                       gamma: float = 0.1) -> optax.Schedule:
+  """PyTorch's MultiStepLR: ``base_lr * gamma**i`` after the i-th milestone epoch."""
+  return optax.piecewise_constant_schedule(
+      base_lr, {int(m) * steps_per_epoch: gamma for m in milestones})
+
+
+def cosine_schedule(base_lr: float, total_steps: int) -> optax.Schedule:
+  return optax.cosine_decay_schedule(base_lr, total_steps)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy of ``logits: f32[B, K]`` against ``labels: i32[B]``."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def crop_flip(key: jax.Array, images: jax.Array) -> jax.Array:
+  """The CIFAR augmentation (random crop with 4-pixel padding + horizontal flip)."""
+  return data_lib.random_crop_flip(key, images, pad=4)
+
+
+def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *,
+                    batch_size: int, augment: Augment | None = crop_flip,
+                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
+                    ) -> Callable[[TrainState, Data], tuple[TrainState, dict[str, jax.Array]]]:
+  """One optimizer step on a batch the member draws itself.
+
+  Args:
+    apply_fn: the network, see module docstring.
+    optimizer: updates ``state.params``; freeze parts of it with ``optax.multi_transform``.
+    batch_size: examples per step; an epoch is ``N // batch_size`` steps (remainder dropped).
+    augment: ``(key, u8[B, H, W, C]) -> u8[B, H, W, C]``, or None.
+    loss_fn: ``(logits, labels) -> f32[]``.
+
+  Returns:
+    ``step(state, data) -> (state, {"loss": f32[], "accuracy": f32[]})``, pure and vmappable.
+  """
+
+  def step(state: TrainState, data: Data):
+    perm_key, noise_key = jax.random.split(state.key)
+    images, labels = data_lib.get_batch(perm_key, state.step, data.images, data.labels, batch_size)
+    aug_key, model_key = jax.random.split(jax.random.fold_in(noise_key, state.step))
+    if augment is not None:
+      images = augment(aug_key, images)
+    x = data_lib.to_unit(images)
+
+    def loss_of(params):
+      logits, batch_stats = apply_fn(params, state.batch_stats, x, True, model_key)
+      return loss_fn(logits, labels), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    return state._replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                          opt_state=opt_state), metrics
+
+  return step
+
+
+def repeat(step: Callable[[TrainState, Data], tuple[TrainState, Mapping[str, jax.Array]]],
+           num_steps: int):
+  """Runs ``step`` ``num_steps`` times in one ``lax.scan`` (one dispatch instead of many).
+
+  Returns ``run(state, data) -> (state, metrics)`` with metrics stacked on a leading axis.
+  """
+
+  def run(state, data):
+    return jax.lax.scan(lambda s, _: step(s, data), state, None, length=num_steps)
+
+  return run
+
+
+def predict(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree, images: jax.Array, *,
+            batch_size: int = 500) -> jax.Array:
+  """Eval-mode logits for a whole split.
+
+  Args:
+    images: u8[N, H, W, C].
+
+  Returns:
+    f32[N, K]. Batches are padded to one fixed shape and run by ``lax.map``, so a split of any
+    size compiles once.
+  """
+  num_examples = images.shape[0]
+  batch_size = min(batch_size, num_examples)
+  labels = jnp.zeros((num_examples,), jnp.int32)
+  batches, _, _ = data_lib.pad_to_batches(images, labels, batch_size)
+
+  def logits_of(batch):
+    return apply_fn(params, batch_stats, data_lib.to_unit(batch), False)[0]
+
+  logits = jax.lax.map(logits_of, batches)
+  return logits.reshape(-1, logits.shape[-1])[:num_examples]
+
+
+def evaluate(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree, data: Data, *,
+             batch_size: int = 500) -> dict[str, jax.Array]:
+  """Eval-mode ``{"loss", "accuracy"}`` over a whole split (exact, no dropped remainder)."""
+  logits = predict(apply_fn, params, batch_stats, data.images, batch_size=batch_size)
+  return {"loss": cross_entropy(logits, data.labels),
+          "accuracy": jnp.mean(jnp.argmax(logits, -1) == data.labels)}

@@ -1,0 +1,55 @@
+"""Metrics against independent implementations (scikit-learn, NumPy ranks)."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from jaxtickets import metrics
+
+
+def test_accuracy_counts_argmax_hits():
+  logits = jnp.array([[0.1, 2.0], [3.0, -1.0], [0.0, 1.0]])
+  assert float(metrics.accuracy(logits, jnp.array([1, 0, 0]))) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_binary_auc_matches_sklearn_with_ties(seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 2, 200)
+  scores = np.round(rng.normal(size=200) + labels, 1)  # Rounding makes ties common.
+  assert float(metrics.roc_auc(jnp.asarray(scores), jnp.asarray(labels))) == pytest.approx(
+      roc_auc_score(labels, scores), abs=1e-6)
+
+
+def test_two_column_logits_rank_like_probabilities():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 300)
+  logits = rng.normal(size=(300, 2)) + np.eye(2)[labels]
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  assert float(metrics.roc_auc(jnp.asarray(logits), jnp.asarray(labels))) == pytest.approx(
+      roc_auc_score(labels, probs[:, 1]), abs=1e-6)
+
+
+def test_one_vs_rest_macro_matches_sklearn():
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 4, 400)
+  logits = rng.normal(size=(400, 4)) + 1.5 * np.eye(4)[labels]
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  expected = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+  # Per-class AUC of raw logits equals that of softmax only up to ranking; use probabilities.
+  assert float(metrics.roc_auc(jnp.asarray(probs), jnp.asarray(labels))) == pytest.approx(
+      expected, abs=1e-6)
+
+
+def test_metrics_log_truncates_for_resume(tmp_path):
+  log = metrics.MetricsLog(tmp_path / "m.jsonl")
+  for step in (10, 20, 30):
+    log.write(step, loss=np.float32(step / 10), per_member=jnp.arange(2))
+  log.truncate(20)
+  records = log.read()
+  assert [r["step"] for r in records] == [10, 20]
+  assert records[1] == {"step": 20, "loss": 2.0, "per_member": [0, 1]}
+  json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])

@@ -1,0 +1,126 @@
+"""Train steps, optimizer semantics, and resumable dense training through the real CLI."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxtickets import checkpoint
+from jaxtickets import train as train_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_sgd_couples_weight_decay_like_pytorch():
+  """Three steps against torch.optim.SGD's update rule written out in NumPy."""
+  lr, momentum, wd = 0.1, 0.9, 5e-4
+  optimizer = train_lib.sgd(lr, momentum=momentum, weight_decay=wd)
+  w = jnp.array([1.0, -2.0, 3.0])
+  state = optimizer.init(w)
+  w_ref, buf = np.array(w), None
+  for grad in ([0.5, 0.1, -0.3], [0.2, -0.4, 0.0], [1.0, 1.0, 1.0]):
+    grad = np.array(grad, np.float32)
+    updates, state = optimizer.update(jnp.asarray(grad), state, w)
+    w = optax.apply_updates(w, updates)
+    d = grad + wd * w_ref
+    buf = d if buf is None else momentum * buf + d
+    w_ref = w_ref - lr * buf
+  np.testing.assert_allclose(w, w_ref, rtol=1e-6)
+
+
+def test_multistep_schedule_drops_at_milestone_epochs():
+  schedule = train_lib.multistep_schedule(0.1, steps_per_epoch=10, milestones=(2, 3), gamma=0.1)
+  values = [float(schedule(s)) for s in (0, 19, 20, 29, 30, 100)]
+  np.testing.assert_allclose(values, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_cross_entropy_of_uniform_logits_is_log_k():
+  loss = train_lib.cross_entropy(jnp.zeros((4, 10)), jnp.array([0, 3, 9, 2]))
+  assert float(loss) == pytest.approx(np.log(10), rel=1e-6)
+
+
+def _run_cli(*args, check=True, env_extra=None, prelude=""):
+  """Runs the dense CLI in a fresh interpreter; ``prelude`` is Python executed before it."""
+  code = prelude + "from experiments import dense, cli; from experiments.configs import dense as c;" \
+      " cli.main(dense.train_and_evaluate, c)"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  if check and result.returncode != 0:
+    raise AssertionError(result.stderr[-3000:])
+  return result
+
+
+def _final_params(workdir: pathlib.Path):
+  step = checkpoint.Checkpointer(workdir / "checkpoints").latest_step()
+  import orbax.checkpoint as ocp
+  return step, ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "default")
+
+
+# Kills the process (SIGKILL, no clean-up) when it is about to write its second checkpoint:
+# the metrics log then already holds a record the checkpoint does not, the hardest case.
+_KILL_ON_SECOND_SAVE = (
+    "import os, signal; from jaxtickets import checkpoint as ck; _save = ck.Checkpointer.save\n"
+    "def save(self, step, tree, _n=[0]):\n"
+    "  _n[0] += 1\n"
+    "  if _n[0] == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+    "  _save(self, step, tree)\n"
+    "ck.Checkpointer.save = save\n")
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_to_identical_result(tmp_path):
+  args = ["--config", "small", "--set", "epochs=4"]
+  _run_cli(*args, "--workdir", str(tmp_path / "straight"))
+  killed = _run_cli(*args, "--workdir", str(tmp_path / "resumed"), check=False,
+                    prelude=_KILL_ON_SECOND_SAVE)
+  assert killed.returncode == -9
+  assert not (tmp_path / "resumed" / "results.json").exists()
+  assert checkpoint.Checkpointer(tmp_path / "resumed" / "checkpoints").latest_step() is not None
+  _run_cli(*args, "--workdir", str(tmp_path / "resumed"))
+
+  step_a, params_a = _final_params(tmp_path / "straight")
+  step_b, params_b = _final_params(tmp_path / "resumed")
+  assert step_a == step_b
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params_a, params_b)
+  log_a = (tmp_path / "straight" / "metrics.jsonl").read_text()
+  assert log_a == (tmp_path / "resumed" / "metrics.jsonl").read_text()
+  assert len(log_a.splitlines()) == 4
+  results = json.loads((tmp_path / "straight" / "results.json").read_text())
+  assert results["test_accuracy"] > 0.5  # Learned something: chance is 0.1.
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dataset='nope'", "unknown dataset"),
+    ("model='nope'", "unknown model"),
+    ("dataset='npz:/does/not/exist.npz'", "exist.npz"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, override, message):
+  result = _run_cli("--config", "small", "--set", override, "--workdir", str(tmp_path / "w"),
+                    check=False)
+  assert result.returncode == 2
+  assert result.stderr.count("\n") == 1 and message in result.stderr.lower()
+  assert not (tmp_path / "w").exists()
+
+
+def test_workdir_of_another_config_is_refused_untouched(tmp_path):
+  workdir = tmp_path / "w"
+  checkpoint.claim_workdir(workdir, {"something": "else"})
+  before = sorted(p.name for p in workdir.iterdir())
+  result = _run_cli("--config", "small", "--workdir", str(workdir), check=False)
+  assert result.returncode == 2 and "different config" in result.stderr
+  assert sorted(p.name for p in workdir.iterdir()) == before
+
+
+def test_unknown_preset_and_key_are_user_errors(tmp_path):
+  for args in (["--config", "nope"], ["--config", "small", "--set", "no_such_key=1"]):
+    result = _run_cli(*args, "--workdir", str(tmp_path / "w"), check=False)
+    assert result.returncode == 2 and result.stderr.startswith("error:")
