@@ -16,12 +16,11 @@ MedMNIST layout or the JPEG-packed CIFAR-10 layout (see :func:`load_dataset`).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import io
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +44,8 @@ _CANONICAL_STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
-# Images per host thread task: large enough that thread hand-off is negligible next to decoding.
-_CHUNK = 2048
+# Records fetched per TFDS read call: amortizes the call overhead, bounds the temporary list.
+_RECORDS_PER_READ = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +187,8 @@ def _load_tfds(name: str, data_dir: str | None) -> tuple[dict[str, Split], int]:
   try:
     builder = tfds.builder(name, data_dir=root)
     if not builder.is_prepared():
-      raise UserError(f"tfds dataset {name!r} is not prepared in {root}; prepare it with: {prepare}")
+      raise UserError(f"tfds dataset {name!r} is not prepared in {root}; prepare it with: "
+                      f"{prepare}")
     try:
       sources = builder.as_data_source()
     except NotImplementedError:
@@ -216,13 +216,11 @@ def _read_records(source: Sequence[dict], image_key: str, label_key: str,
   count = len(source)
   images = np.empty((count, *image_shape), np.uint8)
   labels = np.empty((count,), np.int32)
-
-  def fill(start: int, stop: int) -> None:
-    for offset, record in enumerate(source.__getitems__(range(start, stop))):
-      images[start + offset] = record[image_key]
-      labels[start + offset] = record[label_key]
-
-  _fill_in_chunks(count, fill)
+  for start in range(0, count, _RECORDS_PER_READ):
+    for index, record in enumerate(
+        source.__getitems__(range(start, min(start + _RECORDS_PER_READ, count))), start):
+      images[index] = record[image_key]
+      labels[index] = record[label_key]
   return Split(images, labels)
 
 
@@ -270,7 +268,11 @@ def _medmnist_split(path: pathlib.Path, arrays: dict[str, np.ndarray], split: st
 
 
 def _jpeg_split(path: pathlib.Path, arrays: dict[str, np.ndarray], split: str) -> Split:
-  """Decodes the `split` of a JPEG-packed archive into u8[N, H, W, 3] with a thread pool."""
+  """Decodes the `split` of a JPEG-packed archive into u8[N, H, W, 3].
+
+  Decoding runs on one thread: a 32x32 JPEG decodes in tens of microseconds, so a thread pool
+  only adds GIL contention (measured 1.6x slower with 2 threads; 60,000 images take about 4 s).
+  """
   data = _require(path, arrays, f"{split}_jpeg")
   offsets = _require(path, arrays, f"{split}_offsets")
   if data.dtype != np.uint8 or data.ndim != 1:
@@ -285,26 +287,22 @@ def _jpeg_split(path: pathlib.Path, arrays: dict[str, np.ndarray], split: str) -
   count = len(offsets) - 1
   labels = _labels(path, arrays, split, count, f"{split}_offsets")
 
-  def decode(index: int) -> np.ndarray:
+  encoded = data.tobytes()
+  images = None
+  for index in range(count):
     try:
-      with Image.open(io.BytesIO(data[offsets[index]:offsets[index + 1]].tobytes())) as image:
-        return np.asarray(image.convert("RGB"))
+      with Image.open(io.BytesIO(encoded[offsets[index]:offsets[index + 1]]),
+                      formats=["JPEG"]) as image:
+        pixels = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError for bad bytes.
-      raise UserError(f"{path}: image {index} of '{split}_jpeg' does not decode "
+      raise UserError(f"{path}: image {index} of '{split}_jpeg' is not a decodable JPEG "
                       f"({type(error).__name__})") from error
-
-  first = decode(0)
-  images = np.empty((count, *first.shape), np.uint8)
-
-  def fill(start: int, stop: int) -> None:
-    for index in range(start, stop):
-      image = decode(index)
-      if image.shape != first.shape:
-        raise UserError(f"{path}: image {index} of '{split}_jpeg' is {image.shape}, "
-                        f"image 0 is {first.shape}")
-      images[index] = image
-
-  _fill_in_chunks(count, fill)
+    if images is None:
+      images = np.empty((count, *pixels.shape), np.uint8)
+    if pixels.shape != images.shape[1:]:
+      raise UserError(f"{path}: image {index} of '{split}_jpeg' has shape {pixels.shape}, "
+                      f"image 0 has {images.shape[1:]}")
+    images[index] = pixels
   return Split(images, labels)
 
 
@@ -342,29 +340,18 @@ def _labels(path: pathlib.Path, arrays: dict[str, np.ndarray], split: str, count
   return labels.astype(np.int32)
 
 
-def _fill_in_chunks(count: int, fill: Callable[[int, int], None]) -> None:
-  """Calls fill(start, stop) over [0, count) in chunks on a thread pool (Pillow releases the GIL)."""
-  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-    # list() waits for every chunk and re-raises the first error in this thread.
-    list(pool.map(lambda start: fill(start, min(start + _CHUNK, count)), range(0, count, _CHUNK)))
-
-
 def _resize(images: np.ndarray, image_size: int) -> np.ndarray:
   """Bilinear resize of u8[N, H, W, C] to u8[N, image_size, image_size, C]."""
   count, height, width, channels = images.shape
   if (height, width) == (image_size, image_size):
     return images
   resized = np.empty((count, image_size, image_size, channels), np.uint8)
-
-  def fill(start: int, stop: int) -> None:
-    for index in range(start, stop):
-      # Pillow wants [H, W] for one channel and resizes each channel of [H, W, 3] alike.
-      image = Image.fromarray(images[index, ..., 0] if channels == 1 else images[index])
-      resized[index] = np.asarray(
-          image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-      ).reshape(image_size, image_size, channels)
-
-  _fill_in_chunks(count, fill)
+  for index in range(count):
+    # Pillow takes one channel as [H, W]; [H, W, 3] resizes each channel alike.
+    image = Image.fromarray(images[index, ..., 0] if channels == 1 else images[index])
+    resized[index] = np.asarray(
+        image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    ).reshape(image_size, image_size, channels)
   return resized
 
 

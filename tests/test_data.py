@@ -1,0 +1,305 @@
+"""Tests for jaxtickets.data: loaders on real data, stratified splitting, the on-device pipeline."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtickets import data
+from jaxtickets.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+  return data.load_dataset("digits")
+
+
+def _examples(split: data.Split) -> collections.Counter:
+  """The multiset of (image bytes, label) pairs of a split, to compare splits by content."""
+  return collections.Counter(
+      (image.tobytes(), int(label)) for image, label in zip(split.images, split.labels))
+
+
+def _assert_one_line_user_error(call, *fragments: str) -> None:
+  with pytest.raises(UserError) as caught:
+    call()
+  message = str(caught.value)
+  assert "\n" not in message
+  for fragment in fragments:
+    assert fragment in message
+
+
+# ----------------------------------------------------------------------------------------------
+# digits
+
+
+def test_digits_shapes_dtypes_ranges_and_stats(digits):
+  assert digits.name == "digits"
+  assert digits.num_classes == 10
+  assert digits.val is None
+  assert digits.image_shape == (8, 8, 1)
+  assert len(digits.train.images) + len(digits.test.images) == 1797
+  assert abs(len(digits.test.images) - 0.2 * 1797) <= 10
+  for split in (digits.train, digits.test):
+    assert split.images.dtype == np.uint8 and split.labels.dtype == np.int32
+    assert len(split.images) == len(split.labels)
+    assert split.images.min() == 0 and split.images.max() == 255
+    assert set(np.unique(split.labels)) == set(range(10))
+  pixels = digits.train.images / 255.0
+  np.testing.assert_allclose(digits.mean, [pixels.mean()], rtol=1e-6)
+  np.testing.assert_allclose(digits.std, [pixels.std()], rtol=1e-6)
+
+
+def test_digits_split_is_a_deterministic_stratified_partition(digits):
+  from sklearn.datasets import load_digits
+
+  again = data.load_dataset("digits")
+  np.testing.assert_array_equal(again.train.images, digits.train.images)
+  np.testing.assert_array_equal(again.test.labels, digits.test.labels)
+
+  bunch = load_digits()
+  everything = data.Split(np.round(bunch.images * 255 / 16).astype(np.uint8)[..., None],
+                          bunch.target.astype(np.int32))
+  assert _examples(digits.train) + _examples(digits.test) == _examples(everything)
+  test_share = np.bincount(digits.test.labels) / np.bincount(everything.labels)
+  np.testing.assert_allclose(test_share, 0.2, atol=0.02)
+
+
+@pytest.mark.parametrize("image_size", [16, 32])
+def test_digits_upsampling_keeps_content(digits, image_size):
+  big = data.load_dataset("digits", image_size=image_size)
+  assert big.image_shape == (image_size, image_size, 1)
+  assert big.train.images.dtype == np.uint8
+  np.testing.assert_array_equal(big.train.labels, digits.train.labels)
+  factor = image_size // 8
+  pooled = big.train.images.reshape(-1, 8, factor, 8, factor).mean(axis=(2, 4))
+  assert np.corrcoef(pooled.ravel(), digits.train.images.ravel())[0, 1] > 0.95
+  assert abs(big.mean[0] - digits.mean[0]) < 0.01
+
+
+def test_bad_names_and_sizes_raise_one_line_errors():
+  _assert_one_line_user_error(lambda: data.load_dataset("digits", image_size=12), "12")
+  _assert_one_line_user_error(lambda: data.load_dataset("imagenet"), "imagenet", "cifar10",
+                              "npz:PATH")
+
+
+# ----------------------------------------------------------------------------------------------
+# with_validation / subsample
+
+
+def test_with_validation_is_stratified_disjoint_and_seeded(digits):
+  carved = data.with_validation(digits, 0.1, seed=1)
+  assert _examples(carved.train) + _examples(carved.val) == _examples(digits.train)
+  val_share = np.bincount(carved.val.labels) / np.bincount(digits.train.labels)
+  np.testing.assert_allclose(val_share, 0.1, atol=0.01)
+  assert carved.test is digits.test and carved.mean == digits.mean
+
+  same = data.with_validation(digits, 0.1, seed=1)
+  np.testing.assert_array_equal(same.val.images, carved.val.images)
+  other = data.with_validation(digits, 0.1, seed=2)
+  assert _examples(other.val) != _examples(carved.val)
+  assert data.with_validation(carved, 0.5) is carved  # An existing val split is kept.
+  for fraction in (0.0, 1.0):
+    _assert_one_line_user_error(lambda: data.with_validation(digits, fraction), str(fraction))
+
+
+def test_subsample_is_a_stratified_subset(digits):
+  small = data.subsample(digits.train, 0.25, seed=3)
+  full_counts = np.bincount(digits.train.labels)
+  np.testing.assert_array_equal(np.bincount(small.labels), np.round(0.25 * full_counts))
+  assert not _examples(small) - _examples(digits.train)
+  tiny = data.subsample(digits.train, 1e-4)
+  np.testing.assert_array_equal(np.bincount(tiny.labels), np.ones(10))  # One per class.
+  assert len(data.subsample(digits.train, 1.0).labels) == len(digits.train.labels)
+  for fraction in (0.0, 1.5):
+    _assert_one_line_user_error(lambda: data.subsample(digits.train, fraction), str(fraction))
+
+
+# ----------------------------------------------------------------------------------------------
+# npz files
+
+
+def test_npz_medmnist_files(shared_data):
+  breast = data.load_dataset(f"npz:{shared_data / 'medmnist' / 'breastmnist.npz'}")
+  assert breast.name == "breastmnist" and breast.num_classes == 2
+  assert breast.image_shape == (28, 28, 1)
+  assert [len(s.labels) for s in (breast.train, breast.val, breast.test)] == [546, 78, 156]
+  np.testing.assert_array_equal(np.bincount(breast.train.labels), [147, 399])
+
+  pneumonia = data.load_dataset(f"npz:{shared_data / 'medmnist' / 'pneumoniamnist_reduced.npz'}")
+  for split in (pneumonia.train, pneumonia.val, pneumonia.test):  # Stored as (N, 1) labels.
+    assert split.labels.shape == (len(split.images),) and split.labels.dtype == np.int32
+  assert [len(s.labels) for s in (pneumonia.train, pneumonia.val, pneumonia.test)] == [3882, 524,
+                                                                                        624]
+  np.testing.assert_array_equal(np.bincount(pneumonia.train.labels), [388, 3494])
+  np.testing.assert_allclose(pneumonia.mean, [pneumonia.train.images.mean() / 255], rtol=1e-6)
+
+
+def test_npz_jpeg_cifar10(shared_data):
+  cifar = data.load_dataset(f"npz:{shared_data / 'cifar10' / 'cifar10_jpeg.npz'}")
+  assert cifar.name == "cifar10_jpeg" and cifar.num_classes == 10
+  assert cifar.train.images.shape == (50000, 32, 32, 3)
+  assert cifar.test.images.shape == (10000, 32, 32, 3)
+  np.testing.assert_array_equal(np.bincount(cifar.train.labels), np.full(10, 5000))
+  np.testing.assert_array_equal(np.bincount(cifar.test.labels), np.full(10, 1000))
+  # JPEG decoding in RGB order reproduces CIFAR-10's published statistics.
+  np.testing.assert_allclose(cifar.mean, (0.4914, 0.4822, 0.4465), atol=0.005)
+  np.testing.assert_allclose(cifar.std, (0.2470, 0.2435, 0.2616), atol=0.005)
+
+
+def _medmnist_arrays(**overrides) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  arrays = {f"{split}_{kind}": value for split, n in (("train", 6), ("test", 4))
+            for kind, value in (("images", rng.integers(0, 256, (n, 5, 5), np.uint8)),
+                                ("labels", np.arange(n) % 2))}
+  arrays.update(overrides)
+  return {key: value for key, value in arrays.items() if value is not None}
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"test_labels": None}, "'test_labels'"),
+    ({"train_labels": np.zeros(5, np.int64)}, "'train_labels'"),
+    ({"train_images": np.zeros((6, 5), np.uint8)}, "'train_images'"),
+    ({"train_images": np.zeros((6, 5, 5), np.float32)}, "'train_images'"),
+    ({"val_images": np.zeros((2, 5, 5), np.uint8)}, "'val_labels'"),
+])
+def test_bad_npz_raises_one_line_error_naming_the_array(tmp_path, overrides, fragment):
+  path = tmp_path / "bad.npz"
+  np.savez(path, **_medmnist_arrays(**overrides))
+  _assert_one_line_user_error(lambda: data.load_dataset(f"npz:{path}"), str(path), fragment)
+
+
+def test_npz_small_file_loads_and_missing_file_errors(tmp_path):
+  path = tmp_path / "small.npz"
+  np.savez(path, **_medmnist_arrays(train_labels=np.arange(6)[:, None] % 3))
+  small = data.load_dataset(f"npz:{path}")
+  assert small.name == "small" and small.num_classes == 3 and small.val is None
+  assert small.image_shape == (5, 5, 1)
+  assert data.load_dataset(f"npz:{path}", image_size=10).image_shape == (10, 10, 1)
+  _assert_one_line_user_error(lambda: data.load_dataset(f"npz:{tmp_path / 'absent.npz'}"),
+                              "absent.npz")
+
+
+def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
+  _assert_one_line_user_error(lambda: data.load_dataset("cifar10", data_dir=str(tmp_path)),
+                              "not prepared", f"tfds build cifar10 --data_dir {tmp_path}",
+                              "--file_format=array_record", "tfds-prepare")
+
+
+# ----------------------------------------------------------------------------------------------
+# On-device pipeline
+
+
+def test_steps_per_epoch():
+  assert data.steps_per_epoch(50, 8) == 6
+  assert data.steps_per_epoch(8, 8) == 1
+  for batch_size in (0, -1, 51):
+    _assert_one_line_user_error(lambda: data.steps_per_epoch(50, batch_size), str(batch_size))
+
+
+# Jitted once, vmapped over member keys and over (traced) steps.
+_indices_for_keys_and_steps = jax.jit(
+    jax.vmap(jax.vmap(data.batch_indices, in_axes=(None, 0, None, None)),
+             in_axes=(0, None, None, None)),
+    static_argnums=(2, 3))
+
+
+def test_batch_indices_visit_every_example_once_per_epoch():
+  num_examples, batch_size = 48, 8
+  keys = jax.random.split(jax.random.key(0), 3)
+  keys = jnp.stack([keys[0], keys[1], keys[0]])  # Members 0 and 2 share a key.
+  steps = jnp.arange(3 * 6)  # Three epochs of six steps.
+  indices = np.asarray(_indices_for_keys_and_steps(keys, steps, num_examples, batch_size))
+  assert indices.shape == (3, 18, batch_size) and indices.dtype == np.int32
+  epochs = indices.reshape(3, 3, num_examples)
+  for member_epochs in epochs:
+    for epoch in member_epochs:
+      np.testing.assert_array_equal(np.sort(epoch), np.arange(num_examples))
+    assert not np.array_equal(member_epochs[0], member_epochs[1])  # Reshuffled per epoch.
+  np.testing.assert_array_equal(epochs[0], epochs[2])
+  assert not np.array_equal(epochs[0, 0], epochs[1, 0])
+
+
+def test_get_batch_pairs_images_with_labels_and_drops_the_remainder(digits):
+  images, labels = jnp.asarray(digits.train.images), jnp.asarray(digits.train.labels)
+  batch_size = 16
+  per_epoch = data.steps_per_epoch(len(labels), batch_size)
+  assert len(labels) % batch_size  # The split leaves a remainder to drop.
+  get = jax.jit(jax.vmap(jax.vmap(data.get_batch, in_axes=(None, 0, None, None, None)),
+                         in_axes=(0, None, None, None, None)), static_argnums=4)
+  keys = jax.random.split(jax.random.key(2), 2)
+  batch_images, batch_labels = get(keys, jnp.arange(per_epoch), images, labels, batch_size)
+  assert batch_images.shape == (2, per_epoch, batch_size, 8, 8, 1)
+  assert batch_images.dtype == jnp.uint8 and batch_labels.dtype == jnp.int32
+  for member in range(2):
+    epoch = data.Split(np.asarray(batch_images[member]).reshape(-1, 8, 8, 1),
+                       np.asarray(batch_labels[member]).ravel())
+    # Every (image, label) pair is a real example, none repeats, and only the remainder is missing.
+    assert not _examples(epoch) - _examples(digits.train)
+    assert len(epoch.labels) == per_epoch * batch_size == len(labels) - len(labels) % batch_size
+  assert not np.array_equal(batch_labels[0], batch_labels[1])
+
+
+def _crop_origins(original: np.ndarray, augmented: np.ndarray, pad: int) -> list[tuple]:
+  """Every (row offset, column offset, mirrored) that maps `original` onto `augmented`."""
+  height, width = original.shape[:2]
+  padded = np.pad(original, ((pad, pad), (pad, pad), (0, 0)))
+  return [(row, column, mirrored)
+          for row in range(2 * pad + 1) for column in range(2 * pad + 1)
+          for mirrored in (False, True)
+          if np.array_equal(
+              padded[row:row + height, column:column + width][:, ::-1 if mirrored else 1],
+              augmented)]
+
+
+_crop_flip_per_member = jax.jit(jax.vmap(data.random_crop_flip, in_axes=(0, None)))
+
+
+def test_random_crop_flip_shifts_and_mirrors_per_member():
+  # Nonzero noise: each crop offset and mirror gives a distinct image, so origins are unique.
+  images = np.random.default_rng(0).integers(1, 256, (32, 6, 7, 2), np.uint8)
+  keys = jax.random.split(jax.random.key(3), 2)
+  augmented = np.asarray(_crop_flip_per_member(keys, images))
+  assert augmented.shape == (2, *images.shape) and augmented.dtype == np.uint8
+  origins = [[_crop_origins(images[i], augmented[member, i], pad=4) for i in range(len(images))]
+             for member in range(2)]
+  assert all(len(found) == 1 for member in origins for found in member)
+  used = {found[0] for member in origins for found in member}
+  assert {mirrored for _, _, mirrored in used} == {False, True}
+  assert len({(row, column) for row, column, _ in used}) > 10
+  assert origins[0] != origins[1]  # Each member draws its own augmentation.
+
+
+def test_random_crop_flip_without_padding_only_mirrors():
+  images = np.random.default_rng(1).integers(0, 256, (16, 5, 5, 3), np.uint8)
+  augmented = np.asarray(data.random_crop_flip(jax.random.key(4), images, pad=0))
+  mirrored = [np.array_equal(out, image[:, ::-1]) for out, image in zip(augmented, images)]
+  kept = [np.array_equal(out, image) for out, image in zip(augmented, images)]
+  assert all(m or k for m, k in zip(mirrored, kept))
+  assert any(mirrored) and any(kept)
+
+
+def test_to_unit_and_normalize(digits):
+  np.testing.assert_allclose(data.to_unit(jnp.array([0, 51, 255], jnp.uint8)), [0, 0.2, 1])
+  x = data.to_unit(jnp.asarray(digits.train.images))
+  standardized = np.asarray(data.normalize(x, digits.mean, digits.std))
+  assert standardized.dtype == np.float32
+  assert abs(standardized.mean()) < 1e-4 and abs(standardized.std() - 1) < 1e-4
+  rgb = np.random.default_rng(2).random((4, 3, 3, 3), np.float32)
+  mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+  np.testing.assert_allclose(data.normalize(rgb, mean, std),
+                             (rgb - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_examples", [37, 40])
+def test_pad_to_batches_roundtrip(digits, num_examples):
+  images, labels = digits.test.images[:num_examples], digits.test.labels[:num_examples]
+  batched_images, batched_labels, valid = data.pad_to_batches(images, labels, 8)
+  assert batched_images.shape == (5, 8, 8, 8, 1) and batched_labels.shape == (5, 8)
+  assert valid.dtype == jnp.bool_ and int(valid.sum()) == num_examples
+  mask = np.asarray(valid).ravel()
+  np.testing.assert_array_equal(np.asarray(batched_images).reshape(-1, 8, 8, 1)[mask], images)
+  np.testing.assert_array_equal(np.asarray(batched_labels).ravel()[mask], labels)
+  assert not np.asarray(batched_images).reshape(-1, 8, 8, 1)[~mask].any()
