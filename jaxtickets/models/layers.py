@@ -3,8 +3,7 @@
 Every model is a :class:`Classifier`: it carries the common options (``norm``, ``dtype``,
 ``use_bias``, ``head_bias``, ``kernel_init``, ``head_init``, ``width``), builds its layers through
 :class:`Layers` so that initialization, padding and precision are the same everywhere, and sows
-the output of each top-level module under that module's name in the ``"intermediates"``
-collection.
+the output of each top-level module into ``intermediates[BLOCK_OUTPUTS][module name]``.
 
 Conventions kept here (tickets.py relies on them): the first conv is named ``stem``, the
 classifier ``head``; norm modules have ``norm`` in their name; projection shortcuts are named
@@ -23,18 +22,28 @@ from jaxtickets.errors import UserError
 from jaxtickets.models.init import INITIALIZER_NAMES, get_initializer, pytorch_bias_init
 
 NORM_KINDS: tuple[str, ...] = ("batch", "batch_noaffine", "group", "instance", "none")
+SHORTCUT_KINDS: tuple[str, ...] = ("projection", "zero_pad")
+# Entry of the "intermediates" collection holding {top-level module name: its output}.
+BLOCK_OUTPUTS = "block_outputs"
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-MAX_GROUPS = 32
+MAX_GROUPS = 32  # GroupNorm's group count for "group" (fewer when the channels need it)
 
 Array = jax.Array
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
-  """The compute dtype named by ``dtype`` ("float32", "bfloat16", or the jnp types)."""
-  for name, known in _DTYPES.items():
-    if dtype == name or (not isinstance(dtype, str) and jnp.dtype(dtype) == jnp.dtype(known)):
-      return jnp.dtype(known)
-  raise UserError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
+  """The compute dtype named by ``dtype``: "float32"/"bfloat16" or the matching jnp types."""
+  known = {name: jnp.dtype(value) for name, value in _DTYPES.items()}
+  if isinstance(dtype, str):
+    resolved = known.get(dtype)
+  else:
+    try:
+      resolved = jnp.dtype(dtype)
+    except TypeError:
+      resolved = None
+  if resolved not in known.values():
+    raise UserError(f"unknown dtype {dtype!r}; known: {', '.join(known)}")
+  return resolved
 
 
 def group_count(features: int) -> int:
@@ -128,6 +137,31 @@ class Layers:
     return logits.astype(jnp.float32)
 
 
+def shortcut_branch(x: Array, layers: Layers, *, features: int, strides: int, kind: str,
+                    train: bool) -> Array:
+  """The residual branch's partner: identity, or a projection when the shape changes.
+
+  Args:
+    x: f[B, H, W, C] block input.
+    layers: layer factory; creates ``shortcut`` and ``shortcut_norm`` in the calling module.
+    features: output channels of the block.
+    strides: spatial stride of the block.
+    kind: "projection" (1x1 conv + norm) or "zero_pad" (subsample, pad channels with zeros).
+    train: whether norms use batch statistics.
+
+  Returns:
+    f[B, H', W', features].
+  """
+  if strides == 1 and x.shape[-1] == features:
+    return x
+  if kind == "zero_pad":
+    x = x[:, ::strides, ::strides, :]
+    missing = features - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (missing // 2, missing - missing // 2)))
+  x = layers.conv(x, features, 1, strides=strides, name="shortcut")
+  return layers.norm_layer(x, train=train, name="shortcut_norm")
+
+
 def check_options(model: nn.Module) -> None:
   """Raises UserError when a common option of ``model`` has a value no layer understands."""
   if model.num_classes < 1:
@@ -191,8 +225,14 @@ class Classifier(nn.Module):
                   head_bias=self.head_bias)
 
   def _emit(self, name: str, x: Array) -> Array:
-    """Sows the output of top-level module ``name`` (a no-op unless "intermediates" is mutable)."""
-    self.sow("intermediates", name, x)
+    """Sows the output of top-level module ``name`` into ``intermediates[BLOCK_OUTPUTS][name]``.
+
+    A no-op unless "intermediates" is mutable. The outputs share one dict-valued entry because
+    flax refuses a variable named like a child module (``sow("intermediates", "stem", x)``
+    collides with the ``stem`` conv).
+    """
+    self.sow("intermediates", BLOCK_OUTPUTS, {name: x}, init_fn=dict,
+             reduce_fn=lambda outputs, new: {**outputs, **new})
     return x
 
   def _conv_unit(self, x: Array, layers: Layers, *, train: bool, conv_name: str, norm_name: str,

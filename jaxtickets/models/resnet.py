@@ -15,12 +15,10 @@ average pool, Dense ``head``. Stage ``i`` has ``width * 2**i`` planes.
 from collections.abc import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from jaxtickets.errors import UserError
-from jaxtickets.models.layers import Array, Classifier, Layers, global_average_pool, norm_names
-
-SHORTCUT_KINDS = ("projection", "zero_pad")
+from jaxtickets.models.layers import (SHORTCUT_KINDS, Array, Classifier, Layers,
+                                     global_average_pool, norm_names, shortcut_branch)
 
 # block kind -> convs (output features, kernel size, stride) for a block of `planes` planes.
 _BLOCK_CONVS = {
@@ -28,31 +26,6 @@ _BLOCK_CONVS = {
     "bottleneck": lambda planes, strides: ((planes, 1, 1), (planes, 3, strides),
                                            (4 * planes, 1, 1)),
 }
-
-
-def shortcut_branch(x: Array, layers: Layers, *, features: int, strides: int, kind: str,
-                    train: bool) -> Array:
-  """The residual branch's partner: identity, or a projection when the shape changes.
-
-  Args:
-    x: f[B, H, W, C] block input.
-    layers: layer factory; creates ``shortcut`` and ``shortcut_norm`` in the calling module.
-    features: output channels of the block.
-    strides: spatial stride of the block.
-    kind: "projection" (1x1 conv + norm) or "zero_pad" (subsample, pad channels with zeros).
-    train: whether norms use batch statistics.
-
-  Returns:
-    f[B, H', W', features].
-  """
-  if strides == 1 and x.shape[-1] == features:
-    return x
-  if kind == "zero_pad":
-    x = x[:, ::strides, ::strides, :]
-    missing = features - x.shape[-1]
-    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (missing // 2, missing - missing // 2)))
-  x = layers.conv(x, features, 1, strides=strides, name="shortcut")
-  return layers.norm_layer(x, train=train, name="shortcut_norm")
 
 
 class ResidualBlock(nn.Module):
