@@ -25,21 +25,22 @@ def _current_step(state: Any) -> int:
   return int(np.asarray(jax.device_get(state.step)).reshape(-1)[0])
 
 
-def _mean(metrics: Mapping[str, jax.Array]) -> dict[str, Any]:
-  """Averages over the steps of a chunk (axis 0); population members stay separate."""
-  return {k: np.asarray(v).mean(axis=0) for k, v in jax.device_get(dict(metrics)).items()}
+def default_steps_per_call() -> int:
+  """Steps fused into one compiled call: 1 on CPU, where XLA runs convolutions inside a loop
+  ~30x slower than outside one (measured 0.10 s vs 3.2 s per ConvNet-3 step on 2 cores); on
+  accelerators a whole evaluation interval, to save a dispatch per step."""
+  return 1 if jax.default_backend() == "cpu" else 1 << 30
 
 
 def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_every: int,
         evaluate: Callable[[Any], Mapping[str, Any]] | None = None,
-        workdir: str | pathlib.Path | None = None, progress: bool = True,
-        description: str = "train") -> tuple[Any, list[dict[str, Any]]]:
+        workdir: str | pathlib.Path | None = None, steps_per_call: int | None = None,
+        progress: bool = True, description: str = "train") -> tuple[Any, list[dict[str, Any]]]:
   """Trains ``state`` for ``num_steps`` steps, resuming from ``workdir`` when it has a checkpoint.
 
   Every ``eval_every`` steps (and at the end) it evaluates, appends a record to
-  ``workdir/metrics.jsonl`` and checkpoints. Steps between evaluations run as one compiled
-  ``lax.scan``. Because each step draws its batch from ``(state.key, state.step)``, a resumed run
-  computes exactly what an uninterrupted one would.
+  ``workdir/metrics.jsonl`` and checkpoints. Because each step draws its batch from
+  ``(state.key, state.step)``, a resumed run computes exactly what an uninterrupted one would.
 
   Args:
     step: ``(state, data) -> (state, metrics)``.
@@ -49,11 +50,13 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
     eval_every: steps between evaluations/checkpoints (usually one epoch).
     evaluate: ``state -> {name: value}`` for the log, or None.
     workdir: where metrics and checkpoints go; None keeps everything in memory.
+    steps_per_call: steps run by one compiled ``lax.scan`` (default: ``default_steps_per_call``).
     progress: show a tqdm bar.
 
   Returns:
     The final state and the list of logged records.
   """
+  steps_per_call = steps_per_call or default_steps_per_call()
   log = checkpointer = None
   if workdir is not None:
     workdir = pathlib.Path(workdir)
@@ -64,24 +67,29 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
       log.truncate(_current_step(state))
   records = log.read() if log else []
   compiled: dict[int, Callable] = {}
-  start = _current_step(state)
-  with tqdm(total=num_steps, initial=start, desc=description, disable=not progress,
+  current = _current_step(state)
+  with tqdm(total=num_steps, initial=current, desc=description, disable=not progress,
             dynamic_ncols=True) as bar:
-    while (current := _current_step(state)) < num_steps:
-      chunk = min(eval_every - current % eval_every, num_steps - current)
-      if chunk not in compiled:
-        compiled[chunk] = jax.jit(train_lib.repeat(step, chunk))
-      state, train_metrics = compiled[chunk](state, data)
-      record = {f"train_{k}": v for k, v in _mean(train_metrics).items()}
+    while current < num_steps:
+      interval_end = min(current + eval_every - current % eval_every, num_steps)
+      chunks = []
+      while current < interval_end:
+        length = min(steps_per_call, interval_end - current)
+        if length not in compiled:
+          compiled[length] = jax.jit(train_lib.repeat(step, length))
+        state, metrics = compiled[length](state, data)
+        chunks.append(metrics)
+        current += length
+        bar.update(length)
+      train_metrics = jax.tree_util.tree_map(lambda *m: np.concatenate(m), *jax.device_get(chunks))
+      record = {f"train_{k}": v.mean(axis=0) for k, v in train_metrics.items()}
       if evaluate is not None:
         record.update(evaluate(state))
-      current += chunk
       record = {"step": current, **metrics_lib.jsonable(record)}
       records.append(record)
       if log is not None:
         log.write(**record)
         checkpointer.save(current, state)
-      bar.update(chunk)
       bar.set_postfix({k: _short(v) for k, v in record.items() if k != "step"}, refresh=False)
   if checkpointer is not None:
     checkpointer.close()

@@ -10,6 +10,8 @@ whole split with the member's key, so a population of states is just a leading a
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -81,7 +83,9 @@ def model_apply_fn(model: nn.Module, mean: Sequence[float], std: Sequence[float]
 def init_variables(key: jax.Array, model: nn.Module,
                    image_shape: Sequence[int]) -> tuple[PyTree, PyTree]:
   """Returns ``(params, batch_stats)`` of ``model`` for images of ``image_shape`` (H, W, C)."""
-  variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  # One compiled program instead of one per initializer call (each costs a compile on CPU).
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = init(key, jnp.zeros((1, *image_shape), jnp.float32))
   return variables["params"], variables.get("batch_stats", {})
 
 
@@ -166,6 +170,10 @@ def repeat(step: Callable[[TrainState, Data], tuple[TrainState, Mapping[str, jax
   """
 
   def run(state, data):
+    if num_steps == 1:
+      # No loop at all: XLA:CPU runs convolutions inside a while loop on a much slower path.
+      state, metrics = step(state, data)
+      return state, jax.tree_util.tree_map(lambda m: m[None], metrics)
     return jax.lax.scan(lambda s, _: step(s, data), state, None, length=num_steps)
 
   return run
