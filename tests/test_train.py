@@ -95,7 +95,7 @@ def test_sigkill_then_rerun_resumes_to_identical_result(tmp_path):
   assert log_a == (tmp_path / "resumed" / "metrics.jsonl").read_text()
   assert len(log_a.splitlines()) == 4
   results = json.loads((tmp_path / "straight" / "results.json").read_text())
-  assert results["test_accuracy"] > 0.5  # Learned something: chance is 0.1.
+  assert results["test_accuracy"] > 0.9  # Chance is 0.1.
 
 
 @pytest.mark.parametrize("override, message", [

@@ -32,9 +32,9 @@ def _base() -> ml_collections.ConfigDict:
 
 def _small() -> ml_collections.ConfigDict:
   c = _base()
-  c.image_size = 8
   c.model_options.width = 16
   c.epochs = 3
+  c.learning_rate = 0.05
   return c
 
 
