@@ -133,8 +133,14 @@ def synthetic_data(num_examples: int, seed: int = 0) -> train_lib.Data:
 
 
 def _strategies(num_members: int, chunk_size: int) -> list[tuple[str, int | None]]:
-  """(strategy, chunk size) pairs that apply to a population of ``num_members``."""
-  strategies = [("vmap", None), ("map", min(chunk_size, num_members))]
+  """(strategy, chunk size) pairs that apply to a population of ``num_members``.
+
+  ``map`` runs one member at a time (the plain, ungrouped convolutions) and, when the population
+  is larger than a chunk, in chunks of ``chunk_size`` vmapped members.
+  """
+  strategies = [("vmap", None), ("map", 1)]
+  if 1 < chunk_size < num_members:
+    strategies.append(("map", chunk_size))
   if jax.device_count() > 1 and num_members % jax.device_count() == 0:
     strategies.append(("shard", None))
   return strategies

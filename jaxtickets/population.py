@@ -45,14 +45,13 @@ PyTree = Any
 STRATEGIES = ("vmap", "map", "shard")
 MESH_AXIS = "population"
 
-# Fastest strategy per (platform, model family) for one training step of N members. Source: the
-# speed anchors in REFERENCES.md, measured on one H200 (re-measure with benchmarks/population.py
-# and update this table from its "fastest" list):
-# - ("gpu", "convnet3"): 32 ConvNet-3s, batch 64, bf16: vmap 233k img/s; a Python loop of jitted
-#   single-model steps ~26k img/s; PyTorch eager one model at a time 23.7k img/s.
-# - ("gpu", "resnet18"): 4 ResNet-18 RST search steps (batch 256) vmapped together ran 6.8k img/s,
-#   slower per image than one model at a time (10.5k img/s in bf16), so members run one after
-#   another (map without chunks).
+# Fastest strategy per (platform, model family) for one training step of N members, measured by
+# benchmarks/population.py on one H100 (2026-11-26, jax 0.11.2; benchmarks/RESULTS.md):
+# - ("gpu", "convnet3"), batch 64, bf16: vmap of 32 members 186k img/s, vs 104k for one member
+#   alone; vmap and chunked map are within 5% of each other at N = 8 and 32.
+# - ("gpu", "resnet18"), batch 256, bf16: one member 49k img/s, but vmap of 4 members 28k and of
+#   8 members 35k img/s in total (vmapped conv weights become slower grouped convolutions), so
+#   members run one after another (map without chunks).
 _MEASURED: dict[tuple[str, str], dict[str, Any]] = {
     ("gpu", "convnet3"): {"strategy": "vmap", "chunk_size": None},
     ("gpu", "resnet18"): {"strategy": "map", "chunk_size": None},
