@@ -80,11 +80,11 @@ class Settings:
   width: int
   keep_ratio: float = 0.05
   steps_per_call: int = 10
-  timings: int = 5
+  timings: int = 3
   num_examples: int = 10_240
   matmul_size: int = 8192
-  torch_warmup: int = 5
-  torch_steps: int = 20
+  torch_warmup: int = 3
+  torch_steps: int = 10
 
 
 FULL = Settings(batch_size=256, width=64)
@@ -321,8 +321,13 @@ def git_commit() -> str | None:
     return None
 
 
-def run(settings: Settings, torch_device: str) -> dict[str, Any]:
-  """Every measurement of one run, as a JSON-ready dict (printed as it goes)."""
+def run(settings: Settings, torch_device: str, save: Callable[[dict[str, Any]], None],
+        ) -> dict[str, Any]:
+  """Every measurement of one run, as a JSON-ready dict, printed and saved as it goes.
+
+  ``save(results)`` runs after every measurement, so a run cut short by a time limit keeps what
+  it measured.
+  """
   device = jax.devices()[0]
   print(f"jax {jax.__version__} on {device.platform}: {device.device_kind}; batch "
         f"{settings.batch_size}, ResNet-18 width {settings.width}, PGD-{ATTACK.num_steps}",
@@ -340,6 +345,7 @@ def run(settings: Settings, torch_device: str) -> dict[str, Any]:
   matmul = matmul_rate(settings.matmul_size)
   results["bf16_matmul_tflops"] = matmul / 1e12
   print(f"bf16 matmul ({settings.matmul_size}^3): {matmul / 1e12:.2f} TFLOP/s", flush=True)
+  save(results)
 
   for dtype in ("float32", "bfloat16"):
     measured = time_jax(dtype, settings, images, labels)
@@ -348,6 +354,7 @@ def run(settings: Settings, torch_device: str) -> dict[str, Any]:
     print(f"jax {dtype:8s}: {measured['images_per_s']:10.1f} img/s, "
           f"{measured['step_ms']:9.2f} ms/step, {measured['model_tflops']:.3f} model TFLOP/s "
           f"(first call {measured['first_call_s']:.1f} s)", flush=True)
+    save(results)
   bf16_rate = results["jax_step"]["bfloat16"]["model_tflops"] * 1e12
   results["bf16_model_flop_utilization"] = bf16_rate / matmul
   print(f"jax bfloat16 model FLOP rate = {bf16_rate / matmul:.1%} of the measured bf16 matmul "
@@ -355,6 +362,7 @@ def run(settings: Settings, torch_device: str) -> dict[str, Any]:
 
   available, description = torch_status(torch_device)
   results["torch"] = description
+  save(results)
   if not available:
     print(f"PyTorch reference skipped: {description}", flush=True)
     return results
@@ -369,6 +377,7 @@ def run(settings: Settings, torch_device: str) -> dict[str, Any]:
     results["torch_step"][name] = measured
     print(f"torch {name:17s}: {measured['images_per_s']:10.1f} img/s, "
           f"{measured['step_ms']:9.2f} ms/step ({description})", flush=True)
+    save(results)
   ratios = {}
   for jax_dtype, torch_name in (("bfloat16", "float32"), ("float32", "float32"),
                                 ("bfloat16", "bfloat16_autocast")):
@@ -380,6 +389,7 @@ def run(settings: Settings, torch_device: str) -> dict[str, Any]:
             + (" (target >= 8x)" if (jax_dtype, torch_name) == ("bfloat16", "float32") else ""),
             flush=True)
   results["speedups"] = ratios
+  save(results)
   return results
 
 
@@ -390,15 +400,17 @@ def main(argv=None) -> None:
   parser.add_argument("--torch-device", default="cuda", choices=("cuda", "cpu"),
                       help="where the PyTorch reference step runs (cpu: to check the code)")
   args = parser.parse_args(argv)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+
+  def save(results: dict[str, Any]) -> None:
+    out.write_text(json.dumps({**results, "quick": args.quick}, indent=2) + "\n")
+
   try:
-    results = run(QUICK if args.quick else FULL, args.torch_device)
+    run(QUICK if args.quick else FULL, args.torch_device, save)
   except UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  results["quick"] = args.quick
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(results, indent=2) + "\n")
   print(f"wrote {out}")
 
 

@@ -12,7 +12,7 @@ import pathlib
 import sys
 import time
 
-from experiments import dense
+from experiments import dense, rst
 from experiments.configs import dense as dense_configs
 from jaxtickets import report as report_lib
 from jaxtickets.errors import UserError
@@ -34,7 +34,7 @@ def dense_section(report: report_lib.Report, workdir: pathlib.Path) -> None:
       "Dense ConvNet-3 learning curve on digits")
 
 
-SECTIONS = (dense_section,)
+SECTIONS = (dense_section, rst.demo_section)
 
 
 def run(workdir: str | pathlib.Path) -> pathlib.Path:

@@ -25,6 +25,8 @@ from jaxtickets import data as data_lib
 PyTree = Any
 ApplyFn = Callable[..., tuple[jax.Array, PyTree]]
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
+# (key, params, batch_stats, x f32[B, H, W, C], labels i32[B]) -> (x f32[B, H, W, C], batch_stats)
+Perturb = Callable[[jax.Array, PyTree, PyTree, jax.Array, jax.Array], tuple[jax.Array, PyTree]]
 
 
 class TrainState(NamedTuple):
@@ -126,6 +128,7 @@ def crop_flip(key: jax.Array, images: jax.Array) -> jax.Array:
 def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *,
                     batch_size: int, augment: Augment | None = crop_flip,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
+                    perturb: Perturb | None = None,
                     ) -> Callable[[TrainState, Data], tuple[TrainState, dict[str, jax.Array]]]:
   """One optimizer step on a batch the member draws itself.
 
@@ -135,6 +138,10 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
     batch_size: examples per step; an epoch is ``N // batch_size`` steps (remainder dropped).
     augment: ``(key, u8[B, H, W, C]) -> u8[B, H, W, C]``, or None.
     loss_fn: ``(logits, labels) -> f32[]``.
+    perturb: ``(key, params, batch_stats, x, labels) -> (x, batch_stats)``, applied to the
+      augmented batch before the forward/backward pass (adversarial training: the attack, which
+      may also advance the running statistics), or None. It sees the params before the update
+      and is not differentiated through.
 
   Returns:
     ``step(state, data) -> (state, {"loss": f32[], "accuracy": f32[]})``, pure and vmappable.
@@ -147,10 +154,15 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
     if augment is not None:
       images = augment(aug_key, images)
     x = data_lib.to_unit(images)
+    batch_stats = state.batch_stats
+    if perturb is not None:
+      # Split only here, so that steps without a perturbation keep their random streams.
+      model_key, perturb_key = jax.random.split(model_key)
+      x, batch_stats = perturb(perturb_key, state.params, batch_stats, x, labels)
 
     def loss_of(params):
-      logits, batch_stats = apply_fn(params, state.batch_stats, x, True, model_key)
-      return loss_fn(logits, labels), (logits, batch_stats)
+      logits, new_stats = apply_fn(params, batch_stats, x, True, model_key)
+      return loss_fn(logits, labels), (logits, new_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -1,0 +1,339 @@
+"""Robust Scratch Tickets and R2S on the sklearn digits (8x8), through the library and the runner.
+
+The ``small`` preset runs once for the module (two tickets searched adversarially and naturally,
+evaluated and switched); most tests read its results and states.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments import build, cli
+from experiments import rst as runner
+from experiments.configs import rst as rst_configs
+from jaxtickets import attacks, checkpoint, models, population, rst, tickets
+from jaxtickets import data as data_lib
+from jaxtickets import train as train_lib
+from jaxtickets.errors import UserError
+
+KEY = jax.random.key(0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data_lib.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+  """The ``small`` preset's results (with ``"stages"``), its config and its workdir."""
+  config = rst_configs.get_config("small")
+  workdir = tmp_path_factory.mktemp("rst") / "small"
+  return runner.train_and_evaluate(config, workdir, progress=False), config, workdir
+
+
+@pytest.fixture(scope="module")
+def tiny_network(digits):
+  """A ConvNet-3 of width 4 with RST's options on 8x8 digits.
+
+  Returns:
+    (apply_fn, params, batch_stats, prunable).
+  """
+  model = models.get_model("convnet3", num_classes=10, width=4, **rst.MODEL_OPTIONS)
+  params, batch_stats = train_lib.init_variables(KEY, model, digits.image_shape)
+  return (train_lib.model_apply_fn(model, digits.mean, digits.std), params, batch_stats,
+          tickets.prunable(params))
+
+
+def zero_params(name, **options):
+  """Zero params of an RST model ``name`` for 8x8x1 images (shapes via ``jax.eval_shape``)."""
+  model = models.get_model(name, num_classes=10, **options, **rst.MODEL_OPTIONS)
+  shapes = jax.eval_shape(lambda: model.init(KEY, jnp.zeros((1, 8, 8, 1)), train=False))
+  return jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes["params"])
+
+
+def reference_kept(numel, keep_ratio):
+  """RST's GetSubnet: zero the int((1 - k) * numel) smallest scores."""
+  return numel - int((1 - keep_ratio) * numel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tickets
+
+
+def test_ticket_keeps_the_reference_count_in_every_layer():
+  params = zero_params("resnet20", width=5, stage_sizes=(1, 1))
+  prunable = tickets.prunable(params)
+  # Every parameter of an RST network is a masked kernel: stem, shortcuts and classifier too.
+  names = ["/".join(str(k.key) for k in path) for path, _ in jax.tree.leaves_with_path(params)]
+  assert all(jax.tree.leaves(prunable)) and "head/kernel" in names and "stem/kernel" in names
+  assert any("shortcut/kernel" in name for name in names)
+  rng = np.random.default_rng(0)
+  scores = jax.tree.map(lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32), params)
+  for keep_ratio in (0.05, 0.3, 0.9, 1.0):  # (1 - 0.9) * 10 = 0.999...: 10 of 10 are kept
+    mask = jax.jit(lambda scores: rst.ticket_mask(rst.Ticket(params, scores, keep_ratio),
+                                                  prunable))(scores)
+    for path, keep in jax.tree.leaves_with_path(mask):
+      assert int(keep.sum()) == reference_kept(keep.size, keep_ratio), (path, keep_ratio)
+
+
+def test_weights_are_signed_kaiming_constants_shared_by_the_weight_key():
+  params = zero_params("convnet3", width=4)
+  prunable = tickets.prunable(params)
+  draw = jax.jit(lambda score_key, keep_ratio: rst.init_ticket(KEY, score_key, params,
+                                                               keep_ratio, prunable))
+  first, second = draw(jax.random.key(1), 0.1), draw(jax.random.key(2), 0.5)
+  for weight, other, score, other_score in zip(*map(jax.tree.leaves, (
+      first.weights, second.weights, first.scores, second.scores))):
+    np.testing.assert_array_equal(weight, other)
+    np.testing.assert_allclose(np.abs(weight), np.sqrt(2 / np.prod(weight.shape[:-1])),
+                               rtol=1e-6)
+    assert np.mean(np.sign(weight) > 0) == pytest.approx(0.5, abs=0.2)
+    assert not np.array_equal(score, other_score)
+    bound = 1 / np.sqrt(np.prod(score.shape[:-1]))  # kaiming_uniform(a=sqrt(5))
+    assert np.abs(score).max() <= bound
+
+
+# ----------------------------------------------------------------------------------------------
+# Attacks
+
+
+def test_pgd_on_a_linear_model_reaches_the_closed_form_worst_case(digits):
+  is_binary = digits.test.labels < 2
+  x = data_lib.to_unit(jnp.asarray(digits.test.images[is_binary]))
+  y = jnp.asarray(digits.test.labels[is_binary])
+  params = {"w": 0.1 * jax.random.normal(KEY, (64, 2)), "b": jnp.array([0.2, -0.2])}
+
+  def linear(params, batch_stats, x, train, key=None):
+    return x.reshape(x.shape[0], -1) @ params["w"] + params["b"], batch_stats
+
+  # Cross-entropy falls with the margin (w_y - w_other) . x + b_y - b_other, so the worst point
+  # of the Linf ball within [0, 1] moves every pixel by eps against w_y - w_other.
+  direction = (params["w"][:, y] - params["w"][:, 1 - y]).T.reshape(x.shape)
+  moves = direction != 0
+  eps = 8 / 255
+  worst = jnp.clip(x - eps * jnp.sign(direction), 0.0, 1.0)
+
+  def loss(x):
+    return optax.softmax_cross_entropy_with_integer_labels(linear(params, {}, x, False)[0], y)
+
+  train_attack = rst.TrainingAttack()
+  for options in ({"num_steps": train_attack.num_steps, "random_start": False},  # RST's PGD-7
+                  {"num_steps": 20, "random_start": True}):
+    result = attacks.pgd(linear, params, {}, x, y, KEY, eps=train_attack.eps,
+                         step_size=train_attack.step_size, **options)
+    np.testing.assert_array_equal(np.asarray(result.x_adv)[np.asarray(moves)],
+                                  np.asarray(worst)[np.asarray(moves)])
+    np.testing.assert_allclose(loss(result.x_adv), loss(worst), rtol=1e-6)
+    assert float(jnp.min(loss(worst) - loss(x))) > 0
+
+
+def test_apgd_is_at_least_as_strong_as_pgd20_on_the_searched_tickets(small_run):
+  results, _, _ = small_run
+  test_size = results["split_sizes"]["test"]
+  pairs = [(table["apgd_ce"], table["pgd"]) for tables in results["tickets"].values()
+           for table in tables.values()]
+  apgd, pgd = np.array(pairs).transpose(1, 0, 2).reshape(2, -1)
+  assert np.all(apgd <= pgd + 1.0 / test_size)  # At most one example of random-start luck.
+  assert apgd.mean() < pgd.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Search
+
+
+def test_adversarial_search_trains_scores_only(small_run):
+  results, config, _ = small_run
+  _, params, _ = runner.ticket_network(config, build.dataset(config))
+  prunable = tickets.prunable(params)
+  initial = runner.initial_tickets(config, params, prunable)
+  for name in ("rst", "natural"):
+    stage = results["stages"][name]
+    for trained in (stage.last.params, stage.best["params"]):
+      jax.tree.map(np.testing.assert_array_equal, trained["weights"], initial.weights)
+      moved = jax.tree.map(lambda new, old: float(jnp.mean(new != old)), trained["scores"],
+                           initial.scores)
+      assert min(jax.tree.leaves(moved)) > 0.5, (name, moved)
+
+
+def test_search_step_sorts_each_layer_once(digits, tiny_network):
+  apply_fn, params, batch_stats, prunable = tiny_network
+  optimizer = rst.score_optimizer(0.1)
+  ticket = jax.jit(lambda: rst.init_ticket(KEY, jax.random.key(1), params, 0.5, prunable))()
+  state = train_lib.create_train_state(KEY, rst.search_params(ticket), batch_stats, optimizer)
+  step = rst.make_search_step(apply_fn, optimizer, prunable, batch_size=16, augment=None)
+  data = train_lib.device_data(digits.train)
+  run = jax.jit(lambda state, data: step(state, data, 0.5))
+
+  def sorts(jaxpr, in_loop=False):
+    """(inside a loop, dtype) of every sort in ``jaxpr`` and its sub-jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "sort":
+        found.append((in_loop, eqn.invars[0].aval.dtype))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            found += sorts(inner, in_loop or eqn.primitive.name in ("while", "scan"))
+    return found
+
+  score_sorts = [in_loop for in_loop, dtype in sorts(jax.make_jaxpr(run)(state, data).jaxpr)
+                 if dtype == jnp.float32]
+  num_layers = sum(jax.tree.leaves(prunable))
+  # The attack loop never sorts; the attack and the training forward each form the mask once.
+  assert score_sorts == [False] * (2 * num_layers)
+  # XLA merges the two identical sorts: the compiled step sorts each layer's scores once.
+  hlo = run.lower(state, data).compile().as_text()
+  assert len(re.findall(r"= f32\[\d+\]\S* sort\(", hlo)) == num_layers
+
+
+def test_adversarial_tickets_are_more_robust_than_natural_ones(small_run):
+  results, _, _ = small_run
+  adversarial = np.array(results["tickets"]["rst"]["last"]["pgd"])
+  natural = np.array(results["tickets"]["natural"]["last"]["pgd"])
+  assert np.all(adversarial > natural)
+  assert np.mean(adversarial - natural) > 0.05
+
+
+def test_population_members_keep_their_own_counts(small_run):
+  results, config, _ = small_run
+  stage = results["stages"]["rst"]
+  subnetworks = jax.jit(stage.subnetworks)(stage.last.params)  # traced keep ratios, vmapped
+  for member, keep_ratio in enumerate(config.keep_ratios):
+    weights = population.select(subnetworks, member)
+    prunable = tickets.prunable(weights)
+    single = jax.jit(lambda params: rst.subnetwork(rst.ticket_of(params, keep_ratio), prunable))(
+        population.select(stage.last.params, member))  # a Python keep ratio
+    for (path, leaf), single_leaf in zip(jax.tree.leaves_with_path(weights),
+                                         jax.tree.leaves(single)):
+      assert int(jnp.count_nonzero(leaf)) == reference_kept(leaf.size, keep_ratio), path
+      np.testing.assert_array_equal(leaf, single_leaf)
+
+
+def test_last_and_best_states_are_checkpointed_and_restored(small_run):
+  results, _, workdir = small_run
+  stage = results["stages"]["rst"]
+  with checkpoint.Checkpointer(workdir / "rst" / "checkpoints") as checkpointer:
+    jax.tree.map(np.testing.assert_array_equal, checkpointer.restore(stage.last), stage.last)
+  restored = runner.BestStates(workdir / "rst" / "best", stage.last)
+  jax.tree.map(np.testing.assert_array_equal, restored.best, stage.best)
+  restored.close()
+  val_scores = np.array([record["val_pgd_accuracy"] for record in stage.records])
+  np.testing.assert_allclose(stage.best["score"], val_scores.max(axis=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning and R2S
+
+
+def test_finetuning_trains_only_the_kept_weights(digits, tiny_network):
+  apply_fn, params, batch_stats, prunable = tiny_network
+
+  @jax.jit
+  def draw():
+    ticket = rst.init_ticket(KEY, jax.random.key(1), params, 0.3, prunable)
+    return (ticket, rst.ticket_mask(ticket, prunable), rst.finetune_weights(ticket, prunable),
+            rst.finetune_weights(ticket, prunable, init="reinit", key=jax.random.key(5)))
+
+  ticket, mask, weights, fresh = draw()
+  jax.tree.map(np.testing.assert_array_equal, weights, ticket.weights)
+  assert not np.array_equal(fresh["stem"]["kernel"], ticket.weights["stem"]["kernel"])
+  optimizer = train_lib.sgd(0.1, momentum=0.0, weight_decay=0.0)
+  state = train_lib.create_train_state(KEY, weights, batch_stats, optimizer)
+  step = rst.make_finetune_step(apply_fn, optimizer, batch_size=32, augment=None, attack=None)
+  new_state, _ = jax.jit(step)(state, train_lib.device_data(digits.train), mask)
+  for new, old, keep in zip(*map(jax.tree.leaves, (new_state.params, weights, mask))):
+    changed = np.asarray(new != old)
+    assert not changed[~np.asarray(keep)].any()
+    assert changed[np.asarray(keep)].mean() > 0.5
+
+
+def test_switch_draws_one_ticket_per_batch_or_per_example():
+  def constant(params, batch_stats, x, train, key=None):
+    return jnp.broadcast_to(params["logits"], (x.shape[0], 3)), batch_stats
+
+  params = {"logits": jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])}  # ticket k answers k
+  x = jnp.zeros((64, 2, 2, 1))
+  keys = jax.random.split(KEY, 16)
+  per_batch = jax.vmap(lambda key: jnp.argmax(
+      rst.switch_apply_fn(constant)(params, {}, x, False, key)[0], -1))(keys)
+  assert np.all(per_batch == per_batch[:, :1])  # one ticket answers the whole batch
+  assert set(np.asarray(per_batch[:, 0])) == {0, 1}
+  per_example = jnp.argmax(
+      rst.switch_apply_fn(constant, per_example=True)(params, {}, x, False, KEY)[0], -1)
+  assert 0.25 < float(jnp.mean(per_example)) < 0.75
+
+
+def test_r2s_evaluations(small_run):
+  results, config, workdir = small_run
+  r2s = results["r2s"]
+  matrix = np.array(r2s["transfer_matrix"])
+  num_tickets = len(config.keep_ratios)
+  assert matrix.shape == (num_tickets, num_tickets)
+  assert np.all((0 <= matrix) & (matrix <= 1))
+  # The diagonal is the white-box accuracy of each selected ticket (other random starts).
+  np.testing.assert_allclose(np.diag(matrix), results["tickets"]["rst"]["best"]["pgd"],
+                             atol=0.05)
+  assert r2s["random_ticket_attacker"] == pytest.approx(matrix.mean())
+  assert r2s["clean"] > r2s["random_ticket_attacker"]
+  # The adaptive (EOT) attacker does better than attacking one random ticket.
+  assert r2s["eot_attacker"] < r2s["random_ticket_attacker"]
+  report = (workdir / "report.md").read_text()
+  assert "(d) R2S vs adaptive EOT-PGD-20" in report
+  assert (workdir / "rst_transfer_matrix.png").stat().st_size > 0
+  assert (workdir / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def one_line(error_info) -> str:
+  message = str(error_info.value)
+  assert "\n" not in message
+  return message
+
+
+def test_bad_input_raises_one_line_user_errors():
+  with pytest.raises(UserError, match="eps=-0.1") as error:
+    rst.TrainingAttack(eps=-0.1)
+  one_line(error)
+  with pytest.raises(UserError, match="num_steps=0") as error:
+    rst.TrainingAttack(num_steps=0)
+  one_line(error)
+  params = zero_params("convnet3", width=4)
+  prunable = tickets.prunable(params)
+  for keep_ratio in (0.0, 1.5, -0.2):
+    with pytest.raises(UserError, match="keep_ratio") as error:
+      rst.init_ticket(KEY, KEY, params, keep_ratio, prunable)
+    one_line(error)
+  with pytest.raises(UserError, match="keep_ratios"):
+    rst.keep_ratio_array([])
+  wider = zero_params("convnet3", width=8)
+  wider_prunable = tickets.prunable(wider)
+  ticket = jax.eval_shape(lambda: rst.init_ticket(KEY, KEY, wider, 0.5, wider_prunable))
+  with pytest.raises(UserError, match="weights leaf 'block1/conv/kernel' has shape") as error:
+    rst.check_ticket(ticket, params)
+  one_line(error)
+  with pytest.raises(UserError, match="init 'reinit' needs a PRNG key"):
+    rst.finetune_weights(ticket, wider_prunable, init="reinit")
+  with pytest.raises(UserError, match="unknown fine-tuning init 'rewind'"):
+    rst.finetune_weights(ticket, wider_prunable, init="rewind")
+
+
+@pytest.mark.parametrize("override", ["attack.eps=-0.1", "attack.num_steps=0",
+                                      "keep_ratios=(0.5, 1.5)", "keep_ratios=(0.0,)",
+                                      "eval.pgd_steps=0", "eval.attacks=('cw',)"])
+def test_cli_exits_2_on_bad_input(override, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(runner.train_and_evaluate, rst_configs,
+             ["--config", "small", "--workdir", str(tmp_path / "run"), "--set", override])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err
+  assert error.startswith("error: ") and error.count("\n") == 1
+  assert not (tmp_path / "run").exists()
