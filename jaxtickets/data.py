@@ -184,11 +184,15 @@ def _load_tfds(name: str, data_dir: str | None) -> tuple[dict[str, Split], int]:
   root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
   prepare = (f"pip install '.[tfds-prepare]' && tfds build {name} --data_dir {root} "
              "--file_format=array_record")
+  not_prepared = UserError(f"tfds dataset {name!r} is not prepared in {root}; prepare it with: "
+                           f"{prepare}")
+  # Checked before asking TFDS, which logs a warning about the missing folder first.
+  if not os.path.isdir(os.path.join(root, name)):
+    raise not_prepared
   try:
     builder = tfds.builder(name, data_dir=root)
     if not builder.is_prepared():
-      raise UserError(f"tfds dataset {name!r} is not prepared in {root}; prepare it with: "
-                      f"{prepare}")
+      raise not_prepared
     try:
       sources = builder.as_data_source()
     except NotImplementedError:

@@ -102,10 +102,11 @@ def test_sigkill_then_rerun_resumes_to_identical_result(tmp_path):
     ("dataset='nope'", "unknown dataset"),
     ("model='nope'", "unknown model"),
     ("dataset='npz:/does/not/exist.npz'", "exist.npz"),
+    ("dataset='cifar10'", "not prepared"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, override, message):
   result = _run_cli("--config", "small", "--set", override, "--workdir", str(tmp_path / "w"),
-                    check=False)
+                    check=False, env_extra={"TFDS_DATA_DIR": str(tmp_path / "tfds")})
   assert result.returncode == 2
   assert result.stderr.count("\n") == 1 and message in result.stderr.lower()
   assert not (tmp_path / "w").exists()
