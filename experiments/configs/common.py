@@ -17,3 +17,30 @@ def select(presets: Mapping[str, Callable[[], ml_collections.ConfigDict]],
   config = presets[preset]()
   config.preset = preset
   return config
+
+
+def training(**values) -> ml_collections.ConfigDict:
+  """The fields every trainer reads through ``experiments/build.py``, with ``values`` applied.
+
+  Data (``dataset``, ``data_dir``, ``image_size`` for digits), model (``model``,
+  ``model_options``, ``dtype``), SGD and its schedule, augmentation and seed.
+  """
+  c = ml_collections.ConfigDict()
+  c.dataset = "digits"
+  c.data_dir = None  # For tfds datasets; defaults to $TFDS_DATA_DIR.
+  c.image_size = None  # digits only: 8, 16 or 32.
+  c.model = "convnet3"
+  c.model_options = ml_collections.ConfigDict()
+  c.dtype = "float32"
+  c.batch_size = 128
+  c.epochs = 1
+  c.learning_rate = 0.1
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.schedule = "multistep"  # or "cosine" / "constant"; multistep uses milestones (epochs), gamma.
+  c.milestones = ()
+  c.gamma = 0.1
+  c.augment = "none"  # or "crop_flip".
+  c.seed = 0
+  c.update(values)
+  return c

@@ -10,24 +10,9 @@ from experiments.configs import common
 
 
 def _base() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.dataset = "digits"
-  c.data_dir = None  # For tfds datasets; defaults to $TFDS_DATA_DIR.
-  c.image_size = 16  # digits only: 8, 16 or 32.
-  c.model = "convnet3"
-  c.model_options = ml_collections.ConfigDict()
-  c.dtype = "float32"
-  c.batch_size = 64
-  c.epochs = 15
-  c.learning_rate = 0.01
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.schedule = "cosine"  # or "multistep" with milestones (epochs) and gamma.
-  c.milestones = ()
-  c.gamma = 0.1
-  c.augment = "none"  # or "crop_flip"; flipping digits changes their meaning.
-  c.seed = 0
-  return c
+  # Flipping digits changes their meaning, so no augmentation.
+  return common.training(image_size=16, batch_size=64, epochs=15, learning_rate=0.01,
+                         schedule="cosine")
 
 
 def _small() -> ml_collections.ConfigDict:

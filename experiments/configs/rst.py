@@ -26,27 +26,13 @@ from experiments.configs import common
 
 def _base() -> ml_collections.ConfigDict:
   """The paper protocol on CIFAR-10 with ResNet-18."""
-  c = ml_collections.ConfigDict()
-  c.dataset = "cifar10"
-  c.data_dir = None  # For tfds datasets; defaults to $TFDS_DATA_DIR.
-  c.image_size = None  # digits only: 8, 16 or 32.
+  # model_options: width etc.; norm, biases and head bias are always RST's
+  # (jaxtickets.rst.MODEL_OPTIONS).
+  c = common.training(dataset="cifar10", model="resnet18", batch_size=256, epochs=160,
+                      milestones=(80, 120), augment="crop_flip")
   c.val_fraction = 0.1  # Held out of the training split for checkpoint selection.
-  c.model = "resnet18"
-  # Width etc.; norm, biases and head bias are always RST's (jaxtickets.rst.MODEL_OPTIONS).
-  c.model_options = ml_collections.ConfigDict()
-  c.dtype = "float32"
   c.keep_ratios = (0.05, 0.07, 0.1, 0.15)  # One ticket per ratio, searched as one population.
   c.weight_init = "signed_kaiming_constant"
-  c.batch_size = 256
-  c.epochs = 160
-  c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.schedule = "multistep"  # or "cosine" / "constant".
-  c.milestones = (80, 120)
-  c.gamma = 0.1
-  c.augment = "crop_flip"
-  c.seed = 0
   # The population strategy (jaxtickets.population.run); None: the measured default.
   c.strategy = None
   c.chunk_size = None
