@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxtickets import data as data_lib
 from jaxtickets import population
 from jaxtickets import train as train_lib
-from jaxtickets.errors import UserError
+from jaxtickets.errors import UserError, exit_on_user_error
 from jaxtickets.models import get_model
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -352,14 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   settings = QUICK if args.quick else FULL
   models = [name for name in args.models.split(",") if name]
-  try:
+  with exit_on_user_error():
     unknown = [name for name in models if name not in settings.models]
     if unknown or not models:
       raise UserError(f"--models {args.models!r}: choose from {', '.join(settings.models)}")
     report = run_benchmark(settings, models, args.quick)
-  except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2) + "\n")

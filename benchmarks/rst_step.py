@@ -37,7 +37,6 @@ import pathlib
 import platform
 import statistics
 import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -50,7 +49,7 @@ import numpy as np
 from jaxtickets import data as data_lib
 from jaxtickets import rst, tickets
 from jaxtickets import train as train_lib
-from jaxtickets.errors import UserError
+from jaxtickets.errors import exit_on_user_error
 from jaxtickets.models import get_model
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -406,11 +405,8 @@ def main(argv=None) -> None:
   def save(results: dict[str, Any]) -> None:
     out.write_text(json.dumps({**results, "quick": args.quick}, indent=2) + "\n")
 
-  try:
+  with exit_on_user_error():
     run(QUICK if args.quick else FULL, args.torch_device, save)
-  except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
   print(f"wrote {out}")
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from jaxtickets.errors import UserError
+from jaxtickets.errors import UserError, exit_on_user_error
 
 
 def parse_value(text: str) -> Any:
@@ -60,8 +60,5 @@ def main(run: Callable[[ml_collections.ConfigDict, str], Any], configs: ModuleTy
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config field (repeatable)")
   args = parser.parse_args(argv)
-  try:
+  with exit_on_user_error():
     run(load_config(configs, args.config, args.overrides), args.workdir)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import time
 
 from experiments import dense, rst
 from experiments.configs import dense as dense_configs
 from jaxtickets import report as report_lib
-from jaxtickets.errors import UserError
+from jaxtickets.errors import exit_on_user_error
 
 
 def dense_section(report: report_lib.Report, workdir: pathlib.Path) -> None:
@@ -51,11 +50,8 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
   parser.add_argument("--workdir", default="runs/demo")
   args = parser.parse_args(argv)
-  try:
+  with exit_on_user_error():
     path = run(args.workdir)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(f"report written to {path}")
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxtickets import data
-from jaxtickets.errors import UserError
+
+from assertions import assert_one_line_user_error
 
 
 @pytest.fixture(scope="module")
@@ -20,15 +21,6 @@ def _examples(split: data.Split) -> collections.Counter:
   """The multiset of (image bytes, label) pairs of a split, to compare splits by content."""
   return collections.Counter(
       (image.tobytes(), int(label)) for image, label in zip(split.images, split.labels))
-
-
-def _assert_one_line_user_error(call, *fragments: str) -> None:
-  with pytest.raises(UserError) as caught:
-    call()
-  message = str(caught.value)
-  assert "\n" not in message
-  for fragment in fragments:
-    assert fragment in message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +72,8 @@ def test_digits_upsampling_keeps_content(digits, image_size):
 
 
 def test_bad_names_and_sizes_raise_one_line_errors():
-  _assert_one_line_user_error(lambda: data.load_dataset("digits", image_size=12), "12")
-  _assert_one_line_user_error(lambda: data.load_dataset("imagenet"), "imagenet", "cifar10",
+  assert_one_line_user_error(lambda: data.load_dataset("digits", image_size=12), "12")
+  assert_one_line_user_error(lambda: data.load_dataset("imagenet"), "imagenet", "cifar10",
                               "npz:PATH")
 
 
@@ -102,7 +94,7 @@ def test_with_validation_is_stratified_disjoint_and_seeded(digits):
   assert _examples(other.val) != _examples(carved.val)
   assert data.with_validation(carved, 0.5) is carved  # An existing val split is kept.
   for fraction in (0.0, 1.0):
-    _assert_one_line_user_error(lambda: data.with_validation(digits, fraction), str(fraction))
+    assert_one_line_user_error(lambda: data.with_validation(digits, fraction), str(fraction))
 
 
 def test_subsample_is_a_stratified_subset(digits):
@@ -114,7 +106,7 @@ def test_subsample_is_a_stratified_subset(digits):
   np.testing.assert_array_equal(np.bincount(tiny.labels), np.ones(10))  # One per class.
   assert len(data.subsample(digits.train, 1.0).labels) == len(digits.train.labels)
   for fraction in (0.0, 1.5):
-    _assert_one_line_user_error(lambda: data.subsample(digits.train, fraction), str(fraction))
+    assert_one_line_user_error(lambda: data.subsample(digits.train, fraction), str(fraction))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +160,7 @@ def _medmnist_arrays(**overrides) -> dict[str, np.ndarray]:
 def test_bad_npz_raises_one_line_error_naming_the_array(tmp_path, overrides, fragment):
   path = tmp_path / "bad.npz"
   np.savez(path, **_medmnist_arrays(**overrides))
-  _assert_one_line_user_error(lambda: data.load_dataset(f"npz:{path}"), str(path), fragment)
+  assert_one_line_user_error(lambda: data.load_dataset(f"npz:{path}"), str(path), fragment)
 
 
 def test_npz_small_file_loads_and_missing_file_errors(tmp_path):
@@ -178,12 +170,12 @@ def test_npz_small_file_loads_and_missing_file_errors(tmp_path):
   assert small.name == "small" and small.num_classes == 3 and small.val is None
   assert small.image_shape == (5, 5, 1)
   assert data.load_dataset(f"npz:{path}", image_size=10).image_shape == (10, 10, 1)
-  _assert_one_line_user_error(lambda: data.load_dataset(f"npz:{tmp_path / 'absent.npz'}"),
+  assert_one_line_user_error(lambda: data.load_dataset(f"npz:{tmp_path / 'absent.npz'}"),
                               "absent.npz")
 
 
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
-  _assert_one_line_user_error(lambda: data.load_dataset("cifar10", data_dir=str(tmp_path)),
+  assert_one_line_user_error(lambda: data.load_dataset("cifar10", data_dir=str(tmp_path)),
                               "not prepared", f"tfds build cifar10 --data_dir {tmp_path}",
                               "--file_format=array_record", "tfds-prepare")
 
@@ -196,7 +188,7 @@ def test_steps_per_epoch():
   assert data.steps_per_epoch(50, 8) == 6
   assert data.steps_per_epoch(8, 8) == 1
   for batch_size in (0, -1, 51):
-    _assert_one_line_user_error(lambda: data.steps_per_epoch(50, batch_size), str(batch_size))
+    assert_one_line_user_error(lambda: data.steps_per_epoch(50, batch_size), str(batch_size))
 
 
 # Jitted once, vmapped over member keys and over (traced) steps.

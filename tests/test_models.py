@@ -20,6 +20,8 @@ from jaxtickets.models import (BLOCK_OUTPUTS, block_outputs, get_model, list_mod
 from jaxtickets.models.init import fan_in, get_initializer, pytorch_bias_init
 from jaxtickets.models.layers import Classifier, group_count
 
+from assertions import assert_one_line_user_error
+
 ALL_MODELS = ("convnet3", "resnet18", "resnet20", "resnet56", "resnet50", "vgg16", "wrn34_10",
               "cbr_large_t", "cbr_large_w", "cbr_small", "cbr_tiny", "mobilenetv2")
 CIFAR_SHAPE = (2, 32, 32, 3)
@@ -449,15 +451,6 @@ def test_pytorch_bias_init_bound():
 
 
 # -------------------------------------------------------------------------------------- errors
-
-
-def assert_one_line_user_error(call, *fragments):
-  with pytest.raises(UserError) as error:
-    call()
-  message = str(error.value)
-  assert "\n" not in message
-  for fragment in fragments:
-    assert fragment in message
 
 
 def test_bad_input_raises_one_line_user_error():
