@@ -17,6 +17,7 @@ MedMNIST layout or the JPEG-packed CIFAR-10 layout (see :func:`load_dataset`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
 import pathlib
@@ -468,12 +469,64 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
+# Rounds of the Feistel network behind the per-epoch shuffle. Four make a pseudo-random
+# permutation of a large domain (Luby-Rackoff); on tiny splits each half has only a few bits and
+# fewer than ~16 rounds leave measurably non-uniform positions (tests/test_data.py), and a round
+# costs a few integer ops per batch element.
+_SHUFFLE_ROUNDS = 24
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+  """A 32-bit integer hash with full avalanche (Wellons' "lowbias32"); ``x: u32[...]``."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+  x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _feistel(round_keys: jax.Array, x: jax.Array, half_bits: int) -> jax.Array:
+  """A keyed bijection of ``[0, 4**half_bits)``; ``round_keys: u32[R]``, ``x: u32[B]``."""
+  low = jnp.uint32((1 << half_bits) - 1)
+  left, right = x >> half_bits, x & low
+  for r in range(round_keys.shape[0]):
+    left, right = right, left ^ (_mix32(right ^ round_keys[r]) & low)
+  return (left << half_bits) | right
+
+
+def shuffled_positions(key: jax.Array, positions: jax.Array, num_examples: int) -> jax.Array:
+  """Entries ``positions`` of a pseudo-random permutation of ``[0, num_examples)`` chosen by key.
+
+  A Feistel network permutes the smallest ``[0, 4**h)`` that covers the split, and cycle-walking
+  (re-applying it until the value lands inside the split) restricts that to a bijection of
+  ``[0, num_examples)``. Cost is O(len(positions)), not the O(N log N) of materializing
+  ``jax.random.permutation``, which matters when every member of a population draws a batch.
+
+  Args:
+    key: PRNG key choosing the permutation.
+    positions: i32[B] in ``[0, num_examples)``.
+    num_examples: N (static).
+
+  Returns:
+    i32[B], distinct where the positions are distinct.
+  """
+  half_bits = max(1, (max(num_examples - 1, 1).bit_length() + 1) // 2)
+  round_keys = jax.random.bits(key, (_SHUFFLE_ROUNDS,), jnp.uint32)
+  step = functools.partial(_feistel, round_keys, half_bits=half_bits)
+  outside = lambda x: x >= num_examples
+  # The domain is under 4N, so each walk is short; a batch walks until its last index is inside.
+  index = jax.lax.while_loop(lambda x: jnp.any(outside(x)),
+                             lambda x: jnp.where(outside(x), step(x), x),
+                             step(positions.astype(jnp.uint32)))
+  return index.astype(jnp.int32)
+
+
 def batch_indices(key: jax.Array, step: int | jax.Array, num_examples: int,
                   batch_size: int) -> jax.Array:
   """Example indices of batch `step`: each epoch is a fresh permutation, visited in order.
 
   Every example appears at most once per epoch (exactly once when batch_size divides
   num_examples). The order depends only on (key, epoch), so a run resumes exactly from a step.
+  Only the batch's B entries of the epoch's permutation are computed
+  (:func:`shuffled_positions`).
 
   Args:
     key: PRNG key of this model's data order.
@@ -486,9 +539,8 @@ def batch_indices(key: jax.Array, step: int | jax.Array, num_examples: int,
   """
   per_epoch = steps_per_epoch(num_examples, batch_size)
   epoch, step_in_epoch = jnp.divmod(step, per_epoch)
-  order = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
-  return jax.lax.dynamic_slice_in_dim(order, step_in_epoch * batch_size, batch_size).astype(
-      jnp.int32)
+  positions = step_in_epoch * batch_size + jnp.arange(batch_size)
+  return shuffled_positions(jax.random.fold_in(key, epoch), positions, num_examples)
 
 
 def get_batch(key: jax.Array, step: int | jax.Array, images: jax.Array, labels: jax.Array,

@@ -214,6 +214,31 @@ def test_batch_indices_visit_every_example_once_per_epoch():
   assert not np.array_equal(epochs[0, 0], epochs[1, 0])
 
 
+@pytest.mark.parametrize("num_examples", [1, 2, 3, 5, 17, 64, 1438, 50000])
+def test_shuffled_positions_is_a_permutation_of_the_split(num_examples):
+  keys = jax.random.split(jax.random.key(num_examples), 2)
+  orders = [np.asarray(data.shuffled_positions(key, jnp.arange(num_examples), num_examples))
+            for key in keys]
+  for order in orders:
+    np.testing.assert_array_equal(np.sort(order), np.arange(num_examples))
+  if num_examples >= 17:
+    assert not np.array_equal(orders[0], orders[1])
+
+
+def test_shuffled_positions_look_uniform():
+  """Over many keys, each position is equally likely to hold each example."""
+  num_examples, num_keys = 10, 4000
+  keys = jax.random.split(jax.random.key(3), num_keys)
+  orders = np.asarray(jax.vmap(data.shuffled_positions, in_axes=(0, None, None))(
+      keys, jnp.arange(num_examples), num_examples))
+  counts = np.zeros((num_examples, num_examples))
+  np.add.at(counts, (np.broadcast_to(np.arange(num_examples), orders.shape), orders), 1)
+  expected = num_keys / num_examples
+  chi_square = ((counts - expected) ** 2 / expected).sum()
+  # 81 degrees of freedom: the 99.9% quantile is about 124.
+  assert chi_square < 124, chi_square
+
+
 def test_get_batch_pairs_images_with_labels_and_drops_the_remainder(digits):
   images, labels = jnp.asarray(digits.train.images), jnp.asarray(digits.train.labels)
   batch_size = 16
