@@ -27,6 +27,8 @@ ApplyFn = Callable[..., tuple[jax.Array, PyTree]]
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 # (key, params, batch_stats, x f32[B, H, W, C], labels i32[B]) -> (x f32[B, H, W, C], batch_stats)
 Perturb = Callable[[jax.Array, PyTree, PyTree, jax.Array, jax.Array], tuple[jax.Array, PyTree]]
+# (key, x f32[B, H, W, C], labels i32[B]) -> (x f32[B, H, W, C], other_labels i32[B], weight f32[])
+Mix = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array]]
 
 
 class TrainState(NamedTuple):
@@ -129,6 +131,7 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
                     batch_size: int, augment: Augment | None = crop_flip,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
                     perturb: Perturb | None = None,
+                    mix: Mix | None = None,
                     ) -> Callable[[TrainState, Data], tuple[TrainState, dict[str, jax.Array]]]:
   """One optimizer step on a batch the member draws itself.
 
@@ -142,6 +145,9 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
       augmented batch before the forward/backward pass (adversarial training: the attack, which
       may also advance the running statistics), or None. It sees the params before the update
       and is not differentiated through.
+    mix: ``(key, x, labels) -> (x, other_labels, weight)``, applied last, for label-mixing
+      augmentations such as CutMix: the loss becomes ``weight * loss_fn(logits, labels) +
+      (1 - weight) * loss_fn(logits, other_labels)`` (accuracy still counts ``labels``), or None.
 
   Returns:
     ``step(state, data) -> (state, {"loss": f32[], "accuracy": f32[]})``, pure and vmappable.
@@ -159,10 +165,16 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
       # Split only here, so that steps without a perturbation keep their random streams.
       model_key, perturb_key = jax.random.split(model_key)
       x, batch_stats = perturb(perturb_key, state.params, batch_stats, x, labels)
+    if mix is not None:
+      model_key, mix_key = jax.random.split(model_key)
+      x, other_labels, weight = mix(mix_key, x, labels)
 
     def loss_of(params):
       logits, new_stats = apply_fn(params, batch_stats, x, True, model_key)
-      return loss_fn(logits, labels), (logits, new_stats)
+      loss = loss_fn(logits, labels)
+      if mix is not None:
+        loss = weight * loss + (1.0 - weight) * loss_fn(logits, other_labels)
+      return loss, (logits, new_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -175,9 +187,10 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
 
 
 def repeat(step: Callable[[TrainState, Data], tuple[TrainState, Mapping[str, jax.Array]]],
-           num_steps: int):
+           num_steps: int, *, unroll: int | bool = 1):
   """Runs ``step`` ``num_steps`` times in one ``lax.scan`` (one dispatch instead of many).
 
+  ``unroll`` is ``lax.scan``'s (True: no loop at all, for convolutions on XLA:CPU).
   Returns ``run(state, data) -> (state, metrics)`` with metrics stacked on a leading axis.
   """
 
@@ -186,7 +199,8 @@ def repeat(step: Callable[[TrainState, Data], tuple[TrainState, Mapping[str, jax
       # No loop at all: XLA:CPU runs convolutions inside a while loop on a much slower path.
       state, metrics = step(state, data)
       return state, jax.tree_util.tree_map(lambda m: m[None], metrics)
-    return jax.lax.scan(lambda s, _: step(s, data), state, None, length=num_steps)
+    return jax.lax.scan(lambda s, _: step(s, data), state, None, length=num_steps,
+                        unroll=unroll)
 
   return run
 

@@ -1,0 +1,335 @@
+"""Dataset distillation speed: an Acc-DD outer iteration, and evaluation nets as one population.
+
+    python -m benchmarks.distill [--quick] [--out benchmarks/out/distill.json]
+
+Everything runs on synthetic data (uniform random uint8 images held in device memory), so no
+dataset needs to be prepared:
+
+1. **Outer iteration**: one Acc-DD outer iteration on a CIFAR-10-shaped problem (10 classes,
+   32x32x3, IPC 10, factor 2, ConvNet-3 width 128): 100 inner iterations, each a matching step
+   over all classes (real batch 64, 40 decoded synthetic images per class, Siamese DSA, IDC's
+   squared gradient distance, second-order backward) plus 32 SGD steps of the net on real data
+   with DSA + CutMix, compiled as one ``lax.scan``. The net comes from a pool (randomly
+   initialized here; pretraining does not change the cost) and is perturbed. Printed: seconds per
+   outer iteration and the projected time of the paper's 500 (target on an H100: < 10 min), for
+   M = 1 net per update (the reference) and M = 5.
+2. **Evaluation throughput**: N = 1, 8, 32 ConvNet-3s trained as one population on a decoded
+   IPC-10 set (400 images), batch 64, per-sample DSA + CutMix, SGD; images/s over all nets.
+3. When PyTorch with CUDA is importable: the same evaluation training one net after another in a
+   PyTorch eager loop (the same ConvNet-3, per-sample DSA color/crop/flip/scale/rotate via
+   ``affine_grid``, CutMix p 0.5, SGD 0.01 / 0.9 / 5e-4), and the speed-up of 32 nets as one
+   population over it (target >= 10x).
+
+``--quick`` shrinks everything (16x16 images, width 8, 2 inner iterations, 1 net step, N = 1
+and 2) to run on a 2-core CPU in under 2 minutes; its numbers only show that the benchmark runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxtickets import data as data_lib
+from jaxtickets import population
+from jaxtickets import train as train_lib
+from jaxtickets.distill import augment_models, evaluate, methods, synthetic
+from jaxtickets.models import get_model
+
+NUM_CLASSES = 10
+IPC = 10
+MEAN, STD = (0.5,) * 3, (0.2887,) * 3  # uniform pixels on [0, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """One benchmark run.
+
+  Attributes:
+    image_size: H = W of the images (3 channels).
+    width: ConvNet-3 width.
+    inner_iterations: inner iterations per outer iteration.
+    net_steps: net SGD steps per inner iteration.
+    num_models: M values timed for the outer iteration.
+    members: population sizes N of the evaluation.
+    eval_steps: evaluation steps per timed call.
+    num_examples: real images in device memory.
+    timings: timed calls (median).
+    torch_steps: steps per net in the PyTorch loop.
+    torch_nets: nets trained one after another in the PyTorch loop.
+    projected_outer: outer iterations of the projection (the paper's 500).
+  """
+  image_size: int = 32
+  width: int = 128
+  inner_iterations: int = 100
+  net_steps: int = 32
+  num_models: tuple[int, ...] = (1, 5)
+  members: tuple[int, ...] = (1, 8, 32)
+  eval_steps: int = 50
+  num_examples: int = 10_000
+  timings: int = 3
+  torch_steps: int = 50
+  torch_nets: int = 8
+  projected_outer: int = 500
+
+
+FULL = Settings()
+QUICK = Settings(image_size=16, width=8, inner_iterations=2, net_steps=1, num_models=(1,),
+                 members=(1, 2), eval_steps=2, num_examples=512, timings=2, torch_steps=3,
+                 torch_nets=2)
+
+
+def _median_seconds(call: Callable[[], Any], timings: int) -> tuple[float, float]:
+  """(first call's seconds incl. compilation, median seconds of ``timings`` further calls)."""
+  start = time.perf_counter()
+  jax.block_until_ready(call())
+  first = time.perf_counter() - start
+  seconds = []
+  for _ in range(timings):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    seconds.append(time.perf_counter() - start)
+  return first, statistics.median(seconds)
+
+
+def synthetic_split(num_examples: int, image_size: int, seed: int = 0) -> data_lib.Split:
+  """Uniform random u8 images with balanced labels."""
+  rng = np.random.default_rng(seed)
+  return data_lib.Split(rng.integers(0, 256, (num_examples, image_size, image_size, 3),
+                                     dtype=np.uint8),
+                        np.arange(num_examples, dtype=np.int32) % NUM_CLASSES)
+
+
+def time_outer_iteration(settings: Settings, num_models: int) -> dict[str, Any]:
+  """Seconds of one Acc-DD outer iteration (inner iterations as one compiled scan)."""
+  image_shape = (settings.image_size, settings.image_size, 3)
+  model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width)
+  method = methods.get_method("acc_dd", IPC, inner_iterations=settings.inner_iterations,
+                              net_steps=settings.net_steps)
+  net_optimizer = train_lib.sgd(0.01)
+  real = synthetic_split(settings.num_examples, settings.image_size)
+  pool = augment_models.init_nets(jax.random.key(1), model, image_shape, 5, net_optimizer)
+  data = methods.distill_data(real, NUM_CLASSES,
+                              {"params": pool.params, "batch_stats": pool.batch_stats})
+  step = methods.make_distill_step(
+      method, model, mean=MEAN, std=STD, num_classes=NUM_CLASSES, image_shape=image_shape,
+      images_per_class=IPC, num_models=num_models,
+      real_batch=methods.real_batch_size(method, real.labels, NUM_CLASSES),
+      net_optimizer=net_optimizer)
+  images = synthetic.init_images(0, real.images, real.labels, NUM_CLASSES, IPC,
+                                 factor=method.factor, init=method.init)
+  nets = augment_models.init_nets(jax.random.key(2), model, image_shape, num_models,
+                                  net_optimizer)
+  holder = {"state": methods.init_state(jax.random.key(3), images,
+                                        methods.image_optimizer(method, IPC, STD), nets)}
+  outer = jax.jit(train_lib.repeat(step, settings.inner_iterations,
+                                   unroll=jax.default_backend() == "cpu"))
+
+  def call():
+    holder["state"], metrics = outer(holder["state"], data)
+    return metrics
+
+  first, seconds = _median_seconds(call, settings.timings)
+  return {"num_models": num_models, "outer_iteration_s": seconds, "first_call_s": first,
+          "projected_s": seconds * settings.projected_outer / num_models,
+          "projected_outer_iterations": settings.projected_outer / num_models}
+
+
+def time_evaluation(settings: Settings, num_nets: int) -> dict[str, Any]:
+  """Images/s of ``num_nets`` evaluation nets trained as one population."""
+  image_shape = (settings.image_size, settings.image_size, 3)
+  model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width)
+  protocol = evaluate.Protocol(num_nets=num_nets)
+  split = synthetic_split(NUM_CLASSES * IPC * 4, settings.image_size, seed=1)
+  steps_per_epoch = data_lib.steps_per_epoch(len(split.labels), protocol.batch_size)
+  net_optimizer = evaluate.optimizer(protocol, steps_per_epoch)
+  nets = augment_models.init_nets(jax.random.key(0), model, image_shape, num_nets,
+                                  net_optimizer)
+  step = evaluate.make_step(train_lib.model_apply_fn(model, MEAN, STD), protocol, net_optimizer,
+                            len(split.labels), MEAN, STD)
+  num_params = sum(leaf.size for leaf in jax.tree.leaves(nets.params)) // num_nets
+  options = population.default_strategy("convnet3", num_params)
+  run = jax.jit(train_lib.repeat(population.run(step, **options), settings.eval_steps,
+                                 unroll=jax.default_backend() == "cpu"))
+  data = train_lib.device_data(split)
+  holder = {"nets": nets}
+
+  def call():
+    holder["nets"], metrics = run(holder["nets"], data)
+    return metrics
+
+  first, seconds = _median_seconds(call, settings.timings)
+  images = num_nets * protocol.batch_size * settings.eval_steps
+  return {"num_nets": num_nets, "strategy": options["strategy"], "images_per_s": images / seconds,
+          "step_ms": 1e3 * seconds / settings.eval_steps, "first_call_s": first}
+
+
+def torch_cuda_available() -> bool:
+  try:
+    import torch  # noqa: PLC0415  (optional: only the baseline needs it)
+  except ImportError:
+    return False
+  return torch.cuda.is_available()
+
+
+def time_torch_evaluation(settings: Settings) -> float:
+  """Images/s of PyTorch eager ConvNet-3s trained one after another (DSA + CutMix) on CUDA."""
+  import math  # noqa: PLC0415
+
+  import torch  # noqa: PLC0415
+  import torch.nn.functional as F  # noqa: PLC0415,N812
+  from torch import nn  # noqa: PLC0415
+
+  device = torch.device("cuda")
+  torch.backends.cudnn.benchmark = True
+  size, width, batch = settings.image_size, settings.width, 64
+  split = synthetic_split(NUM_CLASSES * IPC * 4, size, seed=1)
+  images = torch.from_numpy(split.images).to(device).permute(0, 3, 1, 2).float() / 255
+  labels = torch.from_numpy(split.labels).long().to(device)
+  mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+  def convnet3() -> nn.Module:
+    layers, channels = [], 3
+    for _ in range(3):
+      layers += [nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(width, width),
+                 nn.ReLU(), nn.AvgPool2d(2)]
+      channels = width
+    return nn.Sequential(*layers, nn.Flatten(),
+                         nn.Linear(width * (size // 8) ** 2, NUM_CLASSES)).to(device)
+
+  def dsa(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample DSA as IDC's DiffAug(batch=False): flip, color, one of crop/scale/rotate."""
+    n = x.shape[0]
+    x = torch.where(torch.rand(n, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+    x = x + (torch.rand(n, 1, 1, 1, device=device) - 0.5)
+    m = x.mean(dim=1, keepdim=True)
+    x = (x - m) * (torch.rand(n, 1, 1, 1, device=device) * 2) + m
+    m = x.mean(dim=[1, 2, 3], keepdim=True)
+    x = (x - m) * (torch.rand(n, 1, 1, 1, device=device) + 0.5) + m
+    theta = torch.zeros(n, 2, 3, device=device)
+    choice = np.random.randint(3)
+    if choice == 0:
+      shift = int(size * 0.125 + 0.5)
+      theta[:, 0, 0] = theta[:, 1, 1] = 1
+      theta[:, :, 2] = torch.randint(-shift, shift + 1, (n, 2), device=device) * 2 / size
+    elif choice == 1:
+      theta[:, 0, 0] = torch.rand(n, device=device) * (1.2 - 1 / 1.2) + 1 / 1.2
+      theta[:, 1, 1] = torch.rand(n, device=device) * (1.2 - 1 / 1.2) + 1 / 1.2
+    else:
+      angle = (torch.rand(n, device=device) - 0.5) * 2 * 15 / 180 * math.pi
+      theta[:, 0, 0], theta[:, 0, 1] = angle.cos(), -angle.sin()
+      theta[:, 1, 0], theta[:, 1, 1] = angle.sin(), angle.cos()
+    grid = F.affine_grid(theta, x.shape, align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+  def train(model: nn.Module, optimizer: torch.optim.Optimizer, num_steps: int) -> None:
+    for _ in range(num_steps):
+      index = torch.randint(0, len(labels), (batch,), device=device)
+      with torch.no_grad():
+        x = dsa((images[index] - mean) / std)
+      y = labels[index]
+      if np.random.rand() < 0.5:  # CutMix
+        lam = np.random.beta(1.0, 1.0)
+        permutation = torch.randperm(batch, device=device)
+        cut = int(size * math.sqrt(1 - lam))
+        cx, cy = np.random.randint(size), np.random.randint(size)
+        x1, x2 = np.clip(cx - cut // 2, 0, size), np.clip(cx + cut // 2, 0, size)
+        y1, y2 = np.clip(cy - cut // 2, 0, size), np.clip(cy + cut // 2, 0, size)
+        x[:, :, x1:x2, y1:y2] = x[permutation, :, x1:x2, y1:y2]
+        ratio = 1 - (x2 - x1) * (y2 - y1) / size ** 2
+        output = model(x)
+        loss = F.cross_entropy(output, y) * ratio + F.cross_entropy(output, y[permutation]) * (
+            1 - ratio)
+      else:
+        loss = F.cross_entropy(model(x), y)
+      optimizer.zero_grad(set_to_none=True)
+      loss.backward()
+      optimizer.step()
+
+  nets = [convnet3() for _ in range(settings.torch_nets)]
+  optimizers = [torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+                for net in nets]
+  warm_up = convnet3()
+  train(warm_up, torch.optim.SGD(warm_up.parameters(), lr=0.01), 10)
+  torch.cuda.synchronize()
+  start = time.perf_counter()
+  for net, optimizer in zip(nets, optimizers):
+    train(net, optimizer, settings.torch_steps)
+  torch.cuda.synchronize()
+  return settings.torch_nets * settings.torch_steps * batch / (time.perf_counter() - start)
+
+
+def run_benchmark(settings: Settings, quick: bool,
+                  save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+  """Times everything, prints the tables, and saves the report after each measurement."""
+  device = jax.devices()[0]
+  print(f"{device.device_kind} ({device.platform}), jax {jax.__version__}; ConvNet-3 width "
+        f"{settings.width}, {settings.image_size}x{settings.image_size}x3, IPC {IPC}",
+        flush=True)
+  report: dict[str, Any] = {"device": device.device_kind, "platform": device.platform,
+                            "jax_version": jax.__version__, "quick": quick,
+                            "settings": dataclasses.asdict(settings), "outer_iteration": [],
+                            "evaluation": [], "torch": None}
+  print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations, "
+        f"{settings.net_steps} net steps each):")
+  print(f"{'M':>3}{'s/outer':>10}{'first call s':>14}{'projected':>22}")
+  for num_models in settings.num_models:
+    result = time_outer_iteration(settings, num_models)
+    report["outer_iteration"].append(result)
+    print(f"{num_models:>3}{result['outer_iteration_s']:>10.3f}{result['first_call_s']:>14.1f}"
+          f"{result['projected_s'] / 60:>12.1f} min for {result['projected_outer_iterations']:.0f}"
+          f" outer", flush=True)
+    save(report)
+  print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
+  print(f"{'N':>3}  {'strategy':<9}{'images/s':>12}{'ms/step':>10}")
+  for num_nets in settings.members:
+    result = time_evaluation(settings, num_nets)
+    report["evaluation"].append(result)
+    print(f"{num_nets:>3}  {result['strategy']:<9}{result['images_per_s']:>12,.0f}"
+          f"{result['step_ms']:>10.2f}", flush=True)
+    save(report)
+  if torch_cuda_available():
+    torch_speed = time_torch_evaluation(settings)
+    largest = report["evaluation"][-1]
+    speedup = largest["images_per_s"] / torch_speed
+    report["torch"] = {"images_per_s": torch_speed, "nets": settings.torch_nets,
+                       "steps_per_net": settings.torch_steps,
+                       f"speedup_of_{largest['num_nets']}_nets": speedup}
+    print(f"\nPyTorch eager, one net after another: {torch_speed:,.0f} images/s; "
+          f"{largest['num_nets']} nets as one population: {speedup:.1f}x (target >= 10x)")
+  else:
+    print("\nPyTorch baseline skipped: torch with CUDA is not importable")
+  save(report)
+  return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny sizes, to check on a CPU that it runs (under 2 minutes)")
+  parser.add_argument("--out", default="benchmarks/out/distill.json",
+                      help="where the JSON report goes")
+  args = parser.parse_args(argv)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+
+  def save(report: dict[str, Any]) -> None:
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+  run_benchmark(QUICK if args.quick else FULL, args.quick, save)
+  print(f"\nwrote {out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,436 @@
+"""The distillation methods (DC, DSA, DM, IDC, Acc-DD) as one parameterized algorithm.
+
+Every method is a :class:`Method` record read off its official code (:func:`get_method`); one
+compiled step, :func:`make_distill_step`, runs any of them. The step is ONE inner iteration, so
+``loop.fit`` drives a distillation like any training run (resume, checkpoints every few outer
+iterations, progress bar). Per inner iteration:
+
+1. At the start of an outer iteration (every ``inner_iterations`` steps) the M matching nets are
+   replaced: fresh random inits (DC, DSA, DM, IDC) or, for Acc-DD, M nets drawn uniformly from the
+   pretrained early-stage pool, each perturbed (:mod:`augment_models`), with fresh SGD states; the
+   stored images are clipped to [0, 1].
+2. Matching: for every (net, class) a real batch of the class (drawn without replacement) and the
+   class's decoded synthetic images (at most ``synthetic_max``) get ONE DSA draw (Siamese), and
+   the class objective is evaluated for all M x K pairs in one vmapped program; the loss averaged
+   over the M nets and summed over the classes takes one SGD-with-momentum step on the stored
+   images. The reference steps class by class, but a class's loss touches only that class's
+   images, so the summed step differs from it only in how the shared momentum buffer decays
+   between classes (the reference's per-class steps apply each class's momentum ~2x per inner
+   iteration; a momentum of 0.5 across inner iterations gives the same 2x).
+3. The nets train (as one population) for ``net_steps`` SGD steps: on the real data with
+   per-sample DSA and CutMix (IDC, Acc-DD), on the current synthetic set (DC, DSA), or not at
+   all (DM).
+
+With M = 1 this is the reference's schedule. With M > 1 each update averages M nets; running
+``outer_iterations / M`` outer iterations keeps the number of model-steps (nets x inner
+iterations) of the reference, with M times fewer image updates.
+
+Images live in [0, 1] pixel space (IDC's convention). DC, DSA and DM optimize normalized images;
+their learning rates are converted to pixel space by ``std^2`` (mean over channels), which gives
+the same SGD trajectory up to the per-channel spread of ``std``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxtickets import data as data_lib
+from jaxtickets import population
+from jaxtickets import train as train_lib
+from jaxtickets.distill import augment_models, dsa, matching, synthetic
+from jaxtickets.errors import UserError
+
+PyTree = Any
+
+OBJECTIVES = ("gradient", "distribution")
+MODEL_SOURCES = ("random", "pool")
+NET_DATA = ("none", "synthetic", "real")
+LR_SPACES = ("pixel", "normalized")
+# DC/DSA: (image updates per net, net epochs on the synthetic set after each) by IPC.
+_DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
+_FULL_DSA = "color_crop_cutout_flip_scale_rotate"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One distillation method's settings (the defaults of its official code).
+
+  Attributes:
+    name: registry name.
+    objective: "gradient" (DC, DSA, IDC, Acc-DD) or "distribution" (DM).
+    distance: gradient distance (``matching.GRADIENT_DISTANCES``: "dc", "mse", "l1").
+    match_strategy: DSA ops of the Siamese matching augmentation ("none": no augmentation).
+    match_composition: "idc" or "one" (see ``dsa``).
+    factor: IDC multi-formation factor (1: none).
+    init: synthetic initialization (``synthetic.INITS``).
+    image_lr: learning rate of the images (for IPC 10 when ``image_lr_per_ipc``).
+    image_lr_per_ipc: scale ``image_lr`` by IPC / 10 (IDC's ``tune_lr_img``).
+    image_lr_space: "pixel" or "normalized": the space the reference's rate is for.
+    image_momentum: SGD momentum of the images.
+    models: "random" (a fresh init per outer iteration) or "pool" (Acc-DD's early-stage pool).
+    perturb: perturb the pool nets (Acc-DD).
+    outer_iterations: the reference's number of outer iterations (one net each).
+    inner_iterations: image updates per outer iteration.
+    real_batch: real images per class per matching step.
+    synthetic_max: at most this many decoded synthetic images per class per matching step.
+    net_data: what the nets train on between image updates: "none", "synthetic" or "real".
+    net_steps: SGD steps of the nets after each image update.
+    net_batch: their batch size.
+    net_strategy: per-sample DSA ops of the nets' own training ("none": none).
+    net_composition: "idc" or "one".
+    net_mix_probability: CutMix probability of the nets' training (0: none).
+  """
+  name: str
+  objective: str
+  distance: str = "dc"
+  match_strategy: str = "none"
+  match_composition: str = "one"
+  factor: int = 1
+  init: str = "real"
+  image_lr: float = 0.1
+  image_lr_per_ipc: bool = False
+  image_lr_space: str = "normalized"
+  image_momentum: float = 0.5
+  models: str = "random"
+  perturb: bool = False
+  outer_iterations: int = 1000
+  inner_iterations: int = 1
+  real_batch: int = 256
+  synthetic_max: int = 128
+  net_data: str = "none"
+  net_steps: int = 0
+  net_batch: int = 256
+  net_strategy: str = "none"
+  net_composition: str = "one"
+  net_mix_probability: float = 0.0
+
+  def __post_init__(self):
+    for field, known in (("objective", OBJECTIVES), ("models", MODEL_SOURCES),
+                         ("net_data", NET_DATA), ("image_lr_space", LR_SPACES),
+                         ("init", synthetic.INITS)):
+      if getattr(self, field) not in known:
+        raise UserError(f"unknown {field} {getattr(self, field)!r} for method {self.name!r}; "
+                        f"known: {', '.join(known)}")
+    matching.get_gradient_distance(self.distance)
+    self.match_dsa()
+    self.net_dsa()
+    for field in ("factor", "outer_iterations", "inner_iterations", "real_batch",
+                  "synthetic_max", "net_batch"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{field}={value!r}; expected an int >= 1")
+    if isinstance(self.net_steps, bool) or not isinstance(self.net_steps, int) or \
+        self.net_steps < 0:
+      raise UserError(f"net_steps={self.net_steps!r}; expected an int >= 0")
+    if not 0 <= self.net_mix_probability <= 1:
+      raise UserError(f"net_mix_probability={self.net_mix_probability!r}; expected [0, 1]")
+
+  def match_dsa(self) -> dsa.Strategy:
+    return dsa.Strategy.parse(self.match_strategy, self.match_composition)
+
+  def net_dsa(self) -> dsa.Strategy:
+    return dsa.Strategy.parse(self.net_strategy, self.net_composition)
+
+  def image_learning_rate(self, images_per_class: int, std: Sequence[float]) -> float:
+    """The stored images' learning rate in pixel space."""
+    rate = self.image_lr * (images_per_class / 10 if self.image_lr_per_ipc else 1.0)
+    if self.image_lr_space == "normalized":
+      rate *= float(np.mean(np.square(std)))
+    return rate
+
+
+def _dc_loops(images_per_class: int) -> tuple[int, int]:
+  return _DC_LOOPS[max(ipc for ipc in _DC_LOOPS if ipc <= images_per_class)]
+
+
+def _dc(images_per_class: int) -> Method:
+  inner, net_epochs = _dc_loops(images_per_class)
+  return Method("dc", "gradient", distance="dc", inner_iterations=inner, net_data="synthetic",
+                net_steps=net_epochs)
+
+
+def _dsa(images_per_class: int) -> Method:
+  return dataclasses.replace(_dc(images_per_class), name="dsa", match_strategy=_FULL_DSA,
+                             net_strategy=_FULL_DSA)
+
+
+def _dm(images_per_class: int) -> Method:
+  del images_per_class
+  return Method("dm", "distribution", match_strategy=_FULL_DSA, image_lr=1.0,
+                outer_iterations=20000)
+
+
+def _idc(images_per_class: int) -> Method:
+  del images_per_class
+  # n_data 2000 real images per inner iteration = 32 batches of 64 (the loop stops at >= 2000).
+  return Method("idc", "gradient", distance="mse", match_strategy="color_crop_cutout",
+                match_composition="idc", factor=2, init="mix", image_lr=5e-3,
+                image_lr_per_ipc=True, image_lr_space="pixel", outer_iterations=2000,
+                inner_iterations=100, real_batch=64, net_data="real", net_steps=32,
+                net_batch=64, net_strategy="color_crop", net_composition="idc",
+                net_mix_probability=0.5)
+
+
+def _acc_dd(images_per_class: int) -> Method:
+  return dataclasses.replace(_idc(images_per_class), name="acc_dd", image_lr=1e-2,
+                             models="pool", perturb=True, outer_iterations=500)
+
+
+METHODS = {"dc": _dc, "dsa": _dsa, "dm": _dm, "idc": _idc, "acc_dd": _acc_dd}
+
+
+def get_method(name: str, images_per_class: int, **overrides: Any) -> Method:
+  """The method ``name`` for an IPC, with ``overrides`` of any :class:`Method` field.
+
+  Raises:
+    UserError: unknown method or field, or a bad field value.
+  """
+  if name not in METHODS:
+    raise UserError(f"unknown distillation method {name!r}; known: {', '.join(METHODS)}")
+  synthetic.check_positive_int("ipc", images_per_class)
+  fields = {field.name for field in dataclasses.fields(Method)} - {"name"}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise UserError(f"unknown method field {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+  return dataclasses.replace(METHODS[name](images_per_class), **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and state
+
+
+class DistillData(NamedTuple):
+  """What a distillation step reads (device arrays).
+
+  Attributes:
+    images: u8[N, H, W, C] real training images.
+    labels: i32[N].
+    class_index: i32[K, n_max] indices of each class's images (padded with 0).
+    class_count: i32[K] images per class.
+    pool: Acc-DD's early-stage nets ``{"params", "batch_stats"}`` with leading axis P, or {}.
+  """
+  images: jax.Array
+  labels: jax.Array
+  class_index: jax.Array
+  class_count: jax.Array
+  pool: PyTree
+
+
+def distill_data(split: data_lib.Split, num_classes: int, pool: PyTree = None) -> DistillData:
+  """:class:`DistillData` of a real training split (and the Acc-DD pool, if any)."""
+  labels = np.asarray(split.labels)
+  counts = synthetic.class_counts(labels, num_classes)
+  class_index = np.zeros((num_classes, int(counts.max())), np.int32)
+  for label in range(num_classes):
+    members = np.flatnonzero(labels == label)
+    class_index[label, :len(members)] = members
+  return DistillData(jnp.asarray(split.images), jnp.asarray(labels, jnp.int32),
+                     jnp.asarray(class_index), jnp.asarray(counts, jnp.int32),
+                     {} if pool is None else pool)
+
+
+class DistillState(NamedTuple):
+  """A distillation in progress (what ``loop.fit`` checkpoints).
+
+  Attributes:
+    step: i32[] inner iterations done.
+    images: f32[K, ipc, H, W, C] stored synthetic images in [0, 1].
+    image_opt_state: their optimizer's state.
+    nets: the M current matching nets (TrainState with leading axis M).
+    key: the run's PRNG key (constant; per-step keys are folded from it).
+  """
+  step: jax.Array
+  images: jax.Array
+  image_opt_state: optax.OptState
+  nets: train_lib.TrainState
+  key: jax.Array
+
+
+def image_optimizer(method: Method, images_per_class: int,
+                    std: Sequence[float]) -> optax.GradientTransformation:
+  return optax.sgd(method.image_learning_rate(images_per_class, std),
+                   momentum=method.image_momentum or None)
+
+
+def init_state(key: jax.Array, images: np.ndarray | jax.Array,
+               optimizer: optax.GradientTransformation,
+               nets: train_lib.TrainState) -> DistillState:
+  """The state before the first inner iteration; ``nets`` only give the shapes (step 0
+  replaces them)."""
+  images = jnp.asarray(images, jnp.float32)
+  return DistillState(jnp.zeros((), jnp.int32), images, optimizer.init(images), nets, key)
+
+
+def sample_real(key: jax.Array, data: DistillData, batch_size: int) -> jax.Array:
+  """u8[K, batch_size, H, W, C]: per class, ``batch_size`` distinct random real images.
+
+  ``batch_size`` must not exceed the smallest class (see :func:`real_batch_size`).
+  """
+  num_classes, max_count = data.class_index.shape
+
+  def one_class(class_key, index, count):
+    scores = jnp.where(jnp.arange(max_count) < count, jax.random.uniform(class_key, (max_count,)),
+                       2.0)
+    return index[jnp.argsort(scores)[:batch_size]]
+
+  chosen = jax.vmap(one_class)(jax.random.split(key, num_classes), data.class_index,
+                               data.class_count)
+  return data.images[chosen]
+
+
+def real_batch_size(method: Method, labels: np.ndarray, num_classes: int) -> int:
+  """The matching's real batch per class: the method's, capped at the smallest class."""
+  return int(min(method.real_batch, synthetic.class_counts(labels, num_classes).min()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+
+def _quantize(images: jax.Array) -> jax.Array:
+  """f32 pixels in [0, 1] -> u8, so the nets read the synthetic set like any split."""
+  return jnp.round(jnp.clip(images, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float],
+                      std: Sequence[float], num_classes: int, image_shape: Sequence[int],
+                      images_per_class: int, num_models: int, real_batch: int,
+                      net_optimizer: optax.GradientTransformation,
+                      magnitude: Sequence[float] = augment_models.DEFAULT_MAGNITUDE,
+                      population_options: dict[str, Any] | None = None,
+                      unroll: bool | None = None, match_map: str | None = None):
+  """One inner iteration of ``method`` (see module docstring) as a pure step for ``loop.fit``.
+
+  Args:
+    method: the method.
+    model: the matching network (e.g. ConvNet-3, PyTorch init).
+    mean: per-channel normalization mean (the nets normalize inside, as everywhere).
+    std: per-channel normalization std.
+    num_classes: K.
+    image_shape: (H, W, C).
+    images_per_class: IPC (stored images per class).
+    num_models: M nets per outer iteration, matched together (vmapped).
+    real_batch: real images per class per matching (see :func:`real_batch_size`).
+    net_optimizer: SGD of the nets (reference: 0.01 / 0.9 / 5e-4).
+    magnitude: Acc-DD's perturbation range.
+    population_options: ``population.run`` options of the nets' training (default vmap).
+    unroll: unroll the nets' training steps (default: on CPU, where convolutions in loops are
+      slow).
+    match_map: ``matching.matching_losses``'s map over (model, class): "vmap" (default
+      off CPU) or "unroll" (default on CPU).
+
+  Returns:
+    ``step(state: DistillState, data: DistillData) -> (state, {"loss", ["net_accuracy"]})``.
+  """
+  image_shape = tuple(image_shape)
+  apply_fn = train_lib.model_apply_fn(model, mean, std)
+  images_optimizer = image_optimizer(method, images_per_class, std)
+  augmentation = method.match_dsa()
+  if method.objective == "gradient":
+    objective = matching.gradient_match(apply_fn, matching.get_gradient_distance(method.distance))
+  else:
+    objective = matching.distribution_match(matching.embedding_fn(model, mean, std))
+  synthetic_size = synthetic.decoded_size(images_per_class, method.factor, method.synthetic_max)
+  real_labels = jnp.broadcast_to(jnp.arange(num_classes)[:, None], (num_classes, real_batch))
+  synthetic_labels = jnp.broadcast_to(jnp.arange(num_classes)[:, None],
+                                      (num_classes, synthetic_size))
+  new_net = functools.partial(augment_models.init_net, model=model, image_shape=image_shape,
+                              optimizer=net_optimizer)
+  on_cpu = jax.default_backend() == "cpu"
+  unroll = on_cpu if unroll is None else unroll
+  match_map = match_map or ("unroll" if on_cpu else "vmap")
+  net_step = _net_training(method, apply_fn, net_optimizer, mean, std, images_per_class,
+                           num_classes, population_options or {}, unroll)
+
+  def new_nets(key, pool):
+    keys = jax.random.split(key, num_models)
+    if method.models == "random":
+      return jax.vmap(new_net)(keys)
+
+    def from_pool(member_key):
+      pick_key, perturb_key, state_key = jax.random.split(member_key, 3)
+      index = jax.random.randint(pick_key, (), 0, population.size(pool["params"]))
+      params = jax.tree.map(lambda leaf: leaf[index], pool["params"])
+      batch_stats = jax.tree.map(lambda leaf: leaf[index], pool["batch_stats"])
+      if method.perturb:
+        params = augment_models.perturb(perturb_key, params, magnitude=magnitude)
+      return train_lib.create_train_state(state_key, params, batch_stats, net_optimizer)
+
+    return jax.vmap(from_pool)(keys)
+
+  def augment(params, x):
+    return dsa.apply(params, x, mean=mean, std=std) if augmentation.ops else x
+
+  def loss_of(images, nets, data, key):
+    real_key, synthetic_key, augment_key = jax.random.split(key, 3)
+    real = jax.vmap(sample_real, in_axes=(0, None, None))(
+        jax.random.split(real_key, num_models), data, real_batch)
+    syn = jax.vmap(lambda class_key, class_images: synthetic.sample_class(
+        class_key, class_images, method.factor, method.synthetic_max))(
+            jax.random.split(synthetic_key, num_classes), images)
+    draws = jax.vmap(jax.vmap(lambda k: dsa.sample_params(k, augmentation, image_shape)))(
+        jax.random.split(augment_key, (num_models, num_classes)))
+    real_x = jax.vmap(jax.vmap(augment))(draws, data_lib.to_unit(real))
+    syn_x = jax.vmap(jax.vmap(augment), in_axes=(0, None))(draws, syn)
+    return matching.matching_loss(objective, nets.params, nets.batch_stats, real_x, real_labels,
+                                  syn_x, synthetic_labels, strategy=match_map)
+
+  def step(state: DistillState, data: DistillData):
+    outer = state.step // method.inner_iterations
+    starts_outer = state.step % method.inner_iterations == 0
+    nets_key = jax.random.fold_in(jax.random.fold_in(state.key, 0), outer)
+    step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
+    nets = jax.lax.cond(starts_outer, lambda: new_nets(nets_key, data.pool), lambda: state.nets)
+    images = jnp.where(starts_outer, synthetic.clamp(state.images), state.images)
+    loss, grads = jax.value_and_grad(loss_of)(images, nets, data, step_key)
+    updates, image_opt_state = images_optimizer.update(grads, state.image_opt_state, images)
+    images = optax.apply_updates(images, updates)
+    metrics = {"loss": loss}
+    if net_step is not None:
+      nets, net_metrics = net_step(nets, data, images)
+      metrics["net_accuracy"] = jnp.mean(net_metrics["accuracy"])
+    return state._replace(step=state.step + 1, images=images, image_opt_state=image_opt_state,
+                          nets=nets), metrics
+
+  return step
+
+
+def _net_training(method: Method, apply_fn: train_lib.ApplyFn,
+                  optimizer: optax.GradientTransformation, mean: Sequence[float],
+                  std: Sequence[float], images_per_class: int, num_classes: int,
+                  population_options: dict[str, Any], unroll: bool):
+  """``(nets, data, images) -> (nets, metrics)``: the nets' steps after an image update, or
+  None when the method does not train them."""
+  if method.net_data == "none" or method.net_steps == 0:
+    return None
+  strategy = method.net_dsa()
+  mix = None
+  if strategy.ops or method.net_mix_probability > 0:
+    mix = dsa.dsa_cutmix(strategy, mix_probability=method.net_mix_probability, mean=mean,
+                         std=std)
+  batch_size = method.net_batch
+  if method.net_data == "synthetic":
+    batch_size = min(batch_size, num_classes * images_per_class * method.factor ** 2)
+  step = train_lib.make_train_step(apply_fn, optimizer, batch_size=batch_size, augment=None,
+                                   mix=mix)
+  run = train_lib.repeat(population.run(step, **population_options), method.net_steps,
+                         unroll=unroll)
+
+  def train_nets(nets, data, images):
+    if method.net_data == "real":
+      return run(nets, train_lib.Data(data.images, data.labels))
+    decoded = jax.vmap(lambda class_images: synthetic.decode(class_images, method.factor))(
+        jax.lax.stop_gradient(images))
+    labels = jnp.repeat(jnp.arange(num_classes, dtype=jnp.int32), decoded.shape[1])
+    return run(nets, train_lib.Data(_quantize(decoded.reshape(-1, *decoded.shape[2:])), labels))
+
+  return train_nets

@@ -1,0 +1,264 @@
+"""Dataset distillation (Acc-DD and baselines) on the sklearn digits: library pieces and runner."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import distill as runner
+from experiments.configs import distill as distill_configs
+from jaxtickets import data as data_lib
+from jaxtickets import models
+from jaxtickets import train as train_lib
+from jaxtickets.distill import augment_models, dsa, matching, methods, synthetic
+
+KEY = jax.random.key(0)
+FULL = dsa.Strategy.parse("color_crop_cutout_flip_scale_rotate")
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data_lib.load_dataset("digits")
+
+
+def unit_images(digits, count, start=0):
+  return data_lib.to_unit(jnp.asarray(digits.train.images[start:start + count]))
+
+
+# ----------------------------------------------------------------------------------------------
+# DSA
+
+
+def test_siamese_draw_is_identical_for_the_pair_and_differentiable(digits):
+  real, syn = unit_images(digits, 6), unit_images(digits, 4, start=100)
+  apply = jax.jit(lambda params, x: dsa.apply(params, x, mean=digits.mean, std=digits.std))
+  for seed in range(6):
+    params = dsa.sample_params(jax.random.key(seed), FULL, digits.image_shape)
+    together = apply(params, jnp.concatenate([real, syn]))
+    np.testing.assert_allclose(together[:6], apply(params, real), atol=1e-6)
+    np.testing.assert_allclose(together[6:], apply(params, syn), atol=1e-6)
+    # The same image in both batches is augmented identically.
+    np.testing.assert_allclose(apply(params, real[:1]), apply(params, syn.at[0].set(real[0]))[:1],
+                               atol=1e-6)
+  gradient = jax.grad(lambda x: jnp.sum(apply(params, x) ** 2))(syn)
+  assert np.all(np.isfinite(gradient)) and np.abs(gradient).sum() > 0
+  # Per-sample mode: two copies of one image get different draws.
+  twins = jnp.stack([real[0]] * 8)
+  out = dsa.augment(KEY, twins, FULL, per_sample=True, mean=digits.mean, std=digits.std)
+  assert float(jnp.abs(out - out[:1]).max()) > 0.1
+
+
+def test_crop_and_flip_are_exact_pixel_moves(digits):
+  x = unit_images(digits, 8)
+  for op in ("crop", "flip"):
+    params = dsa.sample_params(KEY, dsa.Strategy((op,)), x.shape[1:], count=8)
+    out = np.asarray(dsa.apply(params, x))
+    for index in range(8):
+      theta = np.asarray(params.theta[index])
+      image = np.asarray(x[index])
+      if op == "flip":
+        expected = image[:, ::-1] if theta[0, 0] < 0 else image
+      else:  # out[i, j] = x[i + rows, j + columns], zero outside.
+        rows, columns = (int(round(theta[1, 2] * 4)), int(round(theta[0, 2] * 4)))
+        padded = np.pad(image, ((8, 8), (8, 8), (0, 0)))
+        expected = padded[8 + rows:16 + rows, 8 + columns:16 + columns]
+      np.testing.assert_allclose(out[index], expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distances
+
+
+def random_gradients(seed):
+  rng = np.random.default_rng(seed)
+  shapes = {"stem": {"kernel": (3, 3, 2, 4), "bias": (4,)}, "norm": {"scale": (4,)},
+            "head": {"kernel": (8, 5), "bias": (5,)}}
+  return jax.tree.map(lambda shape: rng.standard_normal(shape).astype(np.float32), shapes,
+                      is_leaf=lambda leaf: isinstance(leaf, tuple))
+
+
+def test_dc_and_idc_distances_match_numpy():
+  real, syn = random_gradients(0), random_gradients(1)
+  expected = 0.0
+  for flax_kernel, flax_syn in ((real["stem"]["kernel"], syn["stem"]["kernel"]),
+                                (real["head"]["kernel"], syn["head"]["kernel"])):
+    # PyTorch layout (out, in, kh, kw) / (out, in), rows = output units.
+    to_torch = (lambda k: np.transpose(k, (3, 2, 0, 1))) if flax_kernel.ndim == 4 else np.transpose
+    a = to_torch(flax_kernel).reshape(flax_kernel.shape[-1], -1).astype(np.float64)
+    b = to_torch(flax_syn).reshape(flax_syn.shape[-1], -1).astype(np.float64)
+    cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-6)
+    expected += np.sum(1 - cosine)
+  np.testing.assert_allclose(matching.dc_distance(real, syn), expected, rtol=1e-5)
+  conv_difference = real["stem"]["kernel"] - syn["stem"]["kernel"]
+  np.testing.assert_allclose(matching.idc_distance(real, syn), np.sum(conv_difference ** 2),
+                             rtol=1e-5)
+  np.testing.assert_allclose(matching.idc_distance(real, syn, metric="l1"),
+                             np.abs(conv_difference).sum(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-formation
+
+
+def torch_bilinear_upsample(image, size):
+  """PyTorch's bilinear Upsample (align_corners=False) of f[h, w, C] to [size, size, C]."""
+
+  def axis_weights(in_size):
+    source = np.maximum((np.arange(size) + 0.5) * in_size / size - 0.5, 0)
+    low = np.floor(source).astype(int)
+    return low, np.minimum(low + 1, in_size - 1), source - low
+
+  r0, r1, rl = axis_weights(image.shape[0])
+  c0, c1, cl = axis_weights(image.shape[1])
+  rows = image[r0] * (1 - rl)[:, None, None] + image[r1] * rl[:, None, None]
+  return rows[:, c0] * (1 - cl)[None, :, None] + rows[:, c1] * cl[None, :, None]
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_multi_formation_decode(factor):
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(2, 8, 8, 1)).astype(np.float32)
+  decoded = np.asarray(jax.jit(synthetic.decode, static_argnums=1)(images, factor))
+  assert decoded.shape == (2 * factor ** 2, 8, 8, 1)
+  crop = -(-8 // factor)
+  padded = np.pad(images, ((0, 0), (0, crop * factor - 8), (0, crop * factor - 8), (0, 0)),
+                  constant_values=0.5)
+  for i in range(factor):
+    for j in range(factor):
+      for n in range(2):
+        expected = torch_bilinear_upsample(
+            padded[n, i * crop:(i + 1) * crop, j * crop:(j + 1) * crop], 8)
+        np.testing.assert_allclose(decoded[(i * factor + j) * 2 + n], expected, atol=1e-5)
+
+
+def test_mix_init_places_downsampled_real_images_of_the_class(digits):
+  images = synthetic.init_images(3, digits.train.images, digits.train.labels, 10, 2, factor=2,
+                                 init="mix")
+  assert images.shape == (10, 2, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
+  for label in (0, 7):
+    class_images = digits.train.images[digits.train.labels == label].astype(np.float32) / 255
+    quarters = class_images[:, ::2, ::2]  # nearest downsampling 8 -> 4
+    for quadrant in (images[label, 0, :4, :4], images[label, 1, 4:, 4:]):
+      assert np.min(np.abs(quarters - quadrant).reshape(len(quarters), -1).max(-1)) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Model augmentation
+
+
+def test_perturbation_keeps_filter_norms_and_leaves_biases():
+  model = models.get_model("convnet3", num_classes=10, width=6)
+  params, _ = train_lib.init_variables(KEY, model, (8, 8, 1))
+  direction = jax.jit(augment_models.filter_normalized_direction)(jax.random.key(1), params)
+  for (path, leaf), step in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(direction)):
+    if leaf.ndim < 2:
+      assert not np.any(step), path
+      continue
+    axes = tuple(range(leaf.ndim - 1))
+    np.testing.assert_allclose(np.sqrt(np.sum(np.square(step), axis=axes)),
+                               np.sqrt(np.sum(np.square(leaf), axis=axes)), rtol=1e-4)
+  perturbed = jax.jit(augment_models.perturb)(jax.random.key(2), params)
+  for (path, leaf), new in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(perturbed)):
+    change = np.asarray(new - leaf)
+    if leaf.ndim < 2:
+      np.testing.assert_array_equal(change, 0)
+      continue
+    axes = tuple(range(leaf.ndim - 1))
+    ratio = np.sqrt(np.sum(change ** 2, axis=axes) / np.sum(np.asarray(leaf) ** 2, axis=axes))
+    assert np.all(ratio <= 0.18 + 1e-5) and np.all(ratio > 0), path  # |a| + |b| <= 2 * 0.09
+
+
+# ----------------------------------------------------------------------------------------------
+# Matching over (model x class)
+
+
+def test_vmapped_matching_equals_the_sum_of_single_model_losses(digits):
+  model = models.get_model("convnet3", num_classes=10, width=4)
+  apply_fn = train_lib.model_apply_fn(model, digits.mean, digits.std)
+  num_models, num_classes, real_batch, syn_batch = 3, 3, 6, 2
+  nets = augment_models.init_nets(KEY, model, digits.image_shape, num_models, train_lib.sgd(0.1))
+  labels = digits.train.labels
+  real = jnp.stack([unit_images(digits, len(labels))[labels == c][:real_batch]
+                    for c in range(num_classes)])
+  syn = jnp.stack([unit_images(digits, len(labels))[labels == c][-syn_batch:]
+                   for c in range(num_classes)])
+  real_x = jnp.stack([real * (1 - 0.1 * m) for m in range(num_models)])  # per-model batches
+  syn_x = jnp.broadcast_to(syn, (num_models, *syn.shape))
+  real_y = jnp.broadcast_to(jnp.arange(num_classes)[:, None], (num_classes, real_batch))
+  syn_y = jnp.broadcast_to(jnp.arange(num_classes)[:, None], (num_classes, syn_batch))
+  objectives = {"dc": matching.gradient_match(apply_fn, matching.dc_distance),
+                "mse": matching.gradient_match(apply_fn, matching.idc_distance),
+                "dm": matching.distribution_match(matching.embedding_fn(model, digits.mean,
+                                                                        digits.std))}
+  for name, objective in objectives.items():
+    losses = jax.jit(lambda p, rx, sx, o=objective: matching.matching_losses(
+        o, p, {}, rx, real_y, sx, syn_y))(nets.params, real_x, syn_x)
+    single = jax.jit(objective)
+    singles = [[float(single(jax.tree.map(lambda leaf, m=m: leaf[m], nets.params), {},
+                             real_x[m, c], real_y[c], syn_x[m, c], syn_y[c]))
+                for c in range(num_classes)] for m in range(num_models)]
+    np.testing.assert_allclose(losses, singles, rtol=2e-4, err_msg=name)
+    loss = matching.matching_loss(objective, nets.params, {}, real_x, real_y, syn_x, syn_y,
+                                  strategy="unroll")
+    np.testing.assert_allclose(loss, np.sum(singles) / num_models, rtol=2e-4, err_msg=name)
+    assert np.min(singles) > 0
+  # The gradient reaches the synthetic images of each class from its own loss only.
+  grad = jax.grad(lambda sx: matching.matching_loss(objectives["mse"], nets.params, {}, real_x,
+                                                    real_y, sx, syn_y))(syn_x)
+  assert np.all(np.abs(np.asarray(grad)).sum(axis=(0, 2, 3, 4, 5)) > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runner
+
+
+def run_cli(tmp_path, *overrides, name="run"):
+  argv = ["--config", "small", "--workdir", str(tmp_path / name)]
+  for override in overrides:
+    argv += ["--set", override]
+  runner.main(argv)
+  return tmp_path / name
+
+
+def test_cli_small_run_saves_the_set_and_resumes(tmp_path):
+  workdir = run_cli(tmp_path)
+  results = json.loads((workdir / "results.json").read_text())
+  config = distill_configs.get_config("small")
+  assert results["method"]["name"] == "acc_dd" and results["pool"]["size"] == config.pool_size
+  assert results["distill"]["outer_iterations"] == config.outer_iterations
+  evaluation = results["evaluation"]
+  assert len(evaluation["distilled"]["accuracies"]) == config.eval.num_nets
+  assert len(evaluation["random_real"]["accuracies"]) == config.eval.num_nets
+  with np.load(workdir / "synthetic.npz") as saved:
+    images = saved["images"]
+    assert images.shape == (10, config.ipc, 8, 8, 1) and int(saved["factor"]) == 2
+  assert images.min() >= 0 and images.max() <= 1
+  report = (workdir / "report.md").read_text()
+  assert "random real images" in report and (workdir / "synthetic.png").stat().st_size > 0
+  # A second run finds every stage finished and reproduces the same set and numbers.
+  run_cli(tmp_path)
+  with np.load(workdir / "synthetic.npz") as saved:
+    np.testing.assert_array_equal(saved["images"], images)
+  assert json.loads((workdir / "results.json").read_text())["evaluation"]["distilled"][
+      "accuracies"] == evaluation["distilled"]["accuracies"]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("ipc=0", "ipc=0"), ("ipc=500", "class"), ("method=kip", "unknown distillation method"),
+    ("method_overrides.factor=0", "factor=0"), ("num_models=0", "num_models=0")])
+def test_cli_exits_2_on_bad_input(override, fragment, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    run_cli(tmp_path, override)
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err
+  assert error.startswith("error: ") and error.count("\n") == 1 and fragment in error
+  assert not (tmp_path / "run").exists()
+
+
+def test_methods_registry_rejects_unknown_fields():
+  with pytest.raises(Exception, match="unknown method field 'speed'"):
+    methods.get_method("idc", 10, speed=2)
+  assert methods.get_method("dc", 10).inner_iterations == 10
+  assert methods.get_method("acc_dd", 50).image_learning_rate(50, (0.25,)) == pytest.approx(0.05)
