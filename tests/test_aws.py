@@ -1,0 +1,358 @@
+"""A Winning Sign and linear mode connectivity on the sklearn digits, library and runner.
+
+The ``small`` preset runs once for the module through the command line (and once more to
+check that it resumes); the other tests use a BatchNorm ConvNet-3 of width 4 on 8x8 digits.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from assertions import assert_one_line_user_error
+
+from experiments import aws as runner
+from experiments.configs import aws as aws_configs
+from jaxtickets import aws, lmc, loop, models, population, tickets
+from jaxtickets import data as data_lib
+from jaxtickets import train as train_lib
+from jaxtickets.errors import UserError
+
+KEY = jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data_lib.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def network(digits):
+  """A BatchNorm ConvNet-3 of width 4: (apply_fn, params, batch_stats, prunable)."""
+  model = models.get_model("convnet3", num_classes=10, width=4, norm="batch")
+  params, batch_stats = train_lib.init_variables(KEY, model, digits.image_shape)
+  return (train_lib.model_apply_fn(model, digits.mean, digits.std), params, batch_stats,
+          aws.prunable_leaves(params))
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+  return train_lib.device_data(digits.train), train_lib.device_data(digits.test)
+
+
+@pytest.fixture(scope="module")
+def trained(network, data):
+  """The network after two epochs of plain training: (params, batch_stats)."""
+  apply_fn, params, batch_stats, _ = network
+  optimizer = train_lib.sgd(0.05)
+  state = train_lib.create_train_state(KEY, params, batch_stats, optimizer)
+  step = train_lib.make_train_step(apply_fn, optimizer, batch_size=64, augment=None)
+  state, _ = loop.fit(step, state, data[0], num_steps=44, eval_every=44, progress=False)
+  return state.params, state.batch_stats
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+  """``python -m experiments.aws --config small``: (results, workdir)."""
+  workdir = tmp_path_factory.mktemp("aws") / "small"
+  runner.main(["--config", "small", "--workdir", str(workdir)])
+  return json.loads((workdir / "results.json").read_text()), workdir
+
+
+def paths_of(tree):
+  return ["/".join(str(key.key) for key in path) for path, _ in jax.tree.leaves_with_path(tree)]
+
+
+def random_params(shapes, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape), jnp.float32),
+                      shapes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pruning
+
+
+def test_global_pruning_removes_20_percent_of_survivors_and_keeps_the_rest_dense():
+  model = models.get_model("resnet20", num_classes=10, width=4, stage_sizes=(1, 1))
+  shapes = jax.eval_shape(lambda: model.init(KEY, jnp.zeros((1, 8, 8, 1)), train=False))
+  params = random_params(shapes["params"])
+  prunable = aws.prunable_leaves(params)
+  flags = dict(zip(paths_of(params), jax.tree.leaves(prunable)))
+  assert flags["stem/kernel"] and flags["layer2_0/shortcut/kernel"] and not flags["head/kernel"]
+  assert not any(flag for path, flag in flags.items() if "norm" in path or "bias" in path)
+
+  prune = jax.jit(lambda params, mask: aws.prune(params, mask, prunable, 0.2))
+  mask, survivors = aws.dense_mask(params), tickets.sparsity_report(
+      aws.dense_mask(params), prunable)["total"]
+  for _ in range(3):
+    pruned, mask = prune(params, mask)
+    report = tickets.sparsity_report(mask, prunable)
+    assert report["kept"] == int(survivors * 0.8)  # the reference's count, in float64
+    survivors = report["kept"]
+    # One global threshold: every kept weight is at least as large as every pruned one.
+    kept, removed = [], []
+    for flag, weight, keep in zip(*map(jax.tree.leaves, (prunable, params, mask))):
+      if flag:
+        kept.append(np.abs(weight)[np.asarray(keep)])
+        removed.append(np.abs(weight)[~np.asarray(keep)])
+    assert np.concatenate(removed).max() <= np.concatenate(kept).min()
+    for path, flag, keep, value, original in zip(paths_of(params), *map(jax.tree.leaves, (
+        prunable, mask, pruned, params))):
+      if not flag:  # classifier, biases and norms stay dense and untouched
+        assert np.all(keep), path
+        np.testing.assert_array_equal(value, original)
+      else:
+        assert np.all(np.asarray(value)[~np.asarray(keep)] == 0), path
+  # Layers are pruned unevenly: the threshold is global, not per layer.
+  densities = [layer["density"] for layer in report["layers"].values()]
+  assert max(densities) - min(densities) > 0.05
+
+
+def test_density_schedule_and_its_bad_input():
+  assert aws.nominal_densities(3, 0.2) == pytest.approx([0.8, 0.64, 0.512])
+  assert aws.rounds_for_densities((0.64, 0.8**15, 0.8), 15) == (2, 15, 1)
+  for densities in ((0.0,), (1.5,), (-0.2,)):
+    assert_one_line_user_error(lambda: aws.rounds_for_densities(densities, 15), "density must be")
+  assert_one_line_user_error(lambda: aws.rounds_for_densities((0.01,), 3), "nearest round 21")
+  assert_one_line_user_error(lambda: aws.rounds_for_densities((1.0,), 3), "nearest round 0")
+  for rounds in (0, -1, 1.5):
+    assert_one_line_user_error(lambda: aws.nominal_densities(rounds), f"got {rounds!r}")
+  assert_one_line_user_error(lambda: aws.nominal_densities(2, 1.0), "fraction")
+
+
+# ----------------------------------------------------------------------------------------------
+# AWS training
+
+
+def test_norm_interpolation_is_the_line_to_initialized_norms(network):
+  _, params, _, _ = network
+  params = random_params(params, seed=1)
+  norms = dict(zip(paths_of(params), jax.tree.leaves(aws.norm_leaves(params))))
+  assert norms["stem_norm/scale"] and norms["block1/norm/bias"] and not norms["head/bias"]
+  for alpha in (0.0, 0.3, 1.0):
+    moved = aws.interpolate_norms(params, alpha)
+    for path, is_norm, new, old in zip(paths_of(params), jax.tree.leaves(aws.norm_leaves(params)),
+                                       jax.tree.leaves(moved), jax.tree.leaves(params)):
+      if not is_norm:
+        np.testing.assert_array_equal(new, old)
+      elif path.endswith("scale"):
+        np.testing.assert_allclose(new, alpha + (1 - alpha) * old, rtol=1e-6)
+      else:
+        np.testing.assert_allclose(new, (1 - alpha) * old, rtol=1e-6)
+  jax.tree.map(np.testing.assert_array_equal, aws.interpolate_norms(params, 0.0), params)
+
+
+def test_aws_draws_one_alpha_per_step_for_every_norm_layer(network, data):
+  apply_fn, params, batch_stats, _ = network
+  params = random_params(params, seed=2)
+  x = data_lib.to_unit(data[0].images[:32])
+  mask = aws.dense_mask(params)
+  key = jax.random.PRNGKey(7)
+  logits, stats = jax.jit(lambda key: aws.aws_apply_fn(apply_fn, mask, True)(
+      params, batch_stats, x, True, key))(key)
+  alpha = jax.random.uniform(key)
+  expected, expected_stats = apply_fn(aws.interpolate_norms(params, alpha), batch_stats, x, True)
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats,
+               expected_stats)
+  # Evaluation never interpolates.
+  evaluated, _ = aws.aws_apply_fn(apply_fn, mask, True)(params, batch_stats, x, False)
+  np.testing.assert_array_equal(evaluated, apply_fn(params, batch_stats, x, False)[0])
+
+
+def test_aws_with_alpha_zero_is_plain_training(network, data):
+  apply_fn, params, batch_stats, _ = network
+  optimizer = train_lib.sgd(0.1)
+  plain = train_lib.make_train_step(apply_fn, optimizer, batch_size=32, augment=None)
+  sparse = aws.make_sparse_step(apply_fn, optimizer, batch_size=32, augment=None)
+
+  @jax.jit
+  def three_steps(aws_flag):
+    plain_state = train_lib.create_train_state(KEY, params, batch_stats, optimizer)
+    state = aws.init_sparse_state(KEY, params, batch_stats, aws.dense_mask(params), aws_flag,
+                                  optimizer)
+    for _ in range(3):
+      plain_state, _ = plain(plain_state, data[0])
+      state, _ = sparse(state, data[0])
+    return plain_state, state.train
+
+  plain_state, lrr_state = three_steps(False)
+  # Equal up to the summation order XLA picks for two differently fused programs (1 ulp).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+               lrr_state, plain_state)
+  _, aws_state = three_steps(True)
+  assert not np.array_equal(aws_state.params["stem_norm"]["scale"],
+                            plain_state.params["stem_norm"]["scale"])
+
+
+def test_pruned_weights_stay_exactly_zero_while_the_rest_trains(network, data):
+  apply_fn, params, batch_stats, prunable = network
+  optimizer = train_lib.sgd(0.1)
+  step = population.run(aws.make_sparse_step(apply_fn, optimizer, batch_size=32, augment=None))
+
+  @jax.jit
+  def run(states):
+    for _ in range(4):
+      states, _ = step(states, data[0])
+    return states
+
+  _, mask = aws.prune(params, aws.dense_mask(params), prunable, 0.5)
+  initial = population.stack([aws.init_sparse_state(KEY, params, batch_stats, mask, flag,
+                                                    optimizer) for flag in (False, True)])
+  final = run(initial)
+  for index in range(2):
+    for path, flag, new, old, keep in zip(paths_of(params), *map(jax.tree.leaves, (
+        prunable, population.select(final.train.params, index), initial.train.params, mask))):
+      new, old, keep = np.asarray(new), np.asarray(old)[index], np.asarray(keep)
+      assert np.all(new[~keep] == 0), path
+      assert np.mean(new[keep] != old[keep]) > 0.9, path  # kept weights, head and norms train
+
+
+# ----------------------------------------------------------------------------------------------
+# Transfer
+
+
+def test_sign_transfer_keeps_the_mask_and_the_signs_on_fresh_magnitudes(network):
+  _, params, batch_stats, prunable = network
+  trained = random_params(params, seed=3)
+  trained_stats = jax.tree.map(lambda leaf: leaf + 0.5, batch_stats)
+  fresh = random_params(params, seed=4)
+  _, mask = aws.prune(trained, aws.dense_mask(trained), prunable, 0.6)
+  new, stats, new_mask = jax.jit(lambda *args: aws.transfer("sign", *args, prunable))(
+      trained, trained_stats, mask, fresh, batch_stats)
+  jax.tree.map(np.testing.assert_array_equal, new_mask, mask)
+  jax.tree.map(np.testing.assert_array_equal, stats, batch_stats)
+  norms = jax.tree.leaves(aws.norm_leaves(params))
+  for path, is_norm, value, keep, old, init in zip(paths_of(params), norms, *map(
+      jax.tree.leaves, (new, mask, trained, fresh))):
+    value, keep, old, init = map(np.asarray, (value, keep, old, init))
+    if is_norm:  # norm params are reset
+      np.testing.assert_array_equal(value, init)
+    else:  # kernels (classifier included) and biases: fresh magnitude, trained sign
+      np.testing.assert_array_equal(value[keep], np.abs(init[keep]) * np.sign(old[keep]))
+      assert np.all(value[~keep] == 0), path
+
+  masked, mask_stats, same = aws.transfer("mask", trained, trained_stats, mask, fresh,
+                                          batch_stats, prunable)
+  jax.tree.map(np.testing.assert_array_equal, masked, tickets.apply_mask(fresh, mask))
+  jax.tree.map(np.testing.assert_array_equal, same, mask)
+  jax.tree.map(np.testing.assert_array_equal, mask_stats, batch_stats)
+  retrained, retrain_stats, _ = aws.transfer("retrain", trained, trained_stats, mask, fresh,
+                                             batch_stats, prunable)
+  jax.tree.map(np.testing.assert_array_equal, retrained, tickets.apply_mask(trained, mask))
+  jax.tree.map(np.testing.assert_array_equal, retrain_stats, trained_stats)
+  assert_one_line_user_error(lambda: aws.transfer("signs", trained, trained_stats, mask, fresh,
+                                                  batch_stats, prunable), "unknown transfer")
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear mode connectivity
+
+
+def test_recalibration_from_reset_reproduces_a_plain_pass(network, data):
+  apply_fn, params, batch_stats, _ = network
+  params = random_params(params, seed=5)
+  used = jax.tree.map(lambda leaf: leaf + 3.0, batch_stats)  # stale statistics are discarded
+  key, batch_size = jax.random.PRNGKey(11), 100
+  recalibrated = jax.jit(lambda params, stats: lmc.recalibrate(
+      apply_fn, params, stats, data[0], key, batch_size=batch_size))(params, used)
+  order_key = jax.random.split(key)[0]
+  statistics = lmc.reset_batch_stats(batch_stats)
+  for index in range(data[0].labels.shape[0] // batch_size):
+    images, _ = data_lib.get_batch(order_key, index, data[0].images, data[0].labels, batch_size)
+    _, statistics = apply_fn(params, statistics, data_lib.to_unit(images), True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               recalibrated, statistics)
+  assert not np.allclose(statistics["stem_norm"]["mean"], 0)
+
+
+def test_barrier_of_a_model_with_itself_is_zero(network, trained, data):
+  apply_fn, _, batch_stats, prunable = network
+  params, mask = aws.prune(trained[0], aws.dense_mask(trained[0]), prunable, 0.5)
+  curve = lmc.make_error_curve(apply_fn, num_points=5, batch_size=100)
+  result = lmc.connectivity(curve, params, mask, params, mask, batch_stats, *data, KEY)
+  assert len(result["errors"]) == 5 and len(set(result["errors"])) == 1
+  assert result["barrier"] == 0.0
+  other = aws.initialized_norms(params)
+  moved = lmc.connectivity(curve, params, mask, other, mask, batch_stats, *data, KEY)
+  assert len(set(moved["errors"])) > 1
+  # A single network evaluated alone gives the curve's endpoint.
+  statistics = lmc.recalibrate(apply_fn, params, batch_stats, data[0], KEY, batch_size=100)
+  alone = 1 - train_lib.evaluate(apply_fn, params, statistics, data[1])["accuracy"]
+  assert moved["errors"][0] == pytest.approx(float(alone), abs=1.5 / data[1].labels.shape[0])
+
+
+def test_barrier_definition():
+  assert lmc.barrier([0.1, 0.3, 0.1]) == pytest.approx(0.2)
+  assert lmc.barrier([0.1, 0.1, 0.3]) == pytest.approx(0.1)  # endpoints count, as in AWS
+  assert_one_line_user_error(lambda: lmc.barrier([0.2]), "at least 2 points")
+  assert_one_line_user_error(lambda: lmc.make_error_curve(None, num_points=1), "num_points=1")
+
+
+def test_lmc_refuses_two_different_masks(network, data):
+  _, params, batch_stats, prunable = network
+  _, mask_a = aws.prune(random_params(params, seed=7), aws.dense_mask(params), prunable, 0.5)
+  _, mask_b = aws.prune(random_params(params, seed=8), aws.dense_mask(params), prunable, 0.5)
+  assert_one_line_user_error(
+      lambda: lmc.connectivity(None, params, mask_a, params, mask_b, batch_stats, *data, KEY),
+      "needs one mask", "conv/kernel")
+  assert_one_line_user_error(lambda: lmc.reset_batch_stats({"norm": {"scale": jnp.ones(3)}}),
+                             "not a BatchNorm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Runner
+
+
+def test_small_run_writes_results_report_and_figures(small_run):
+  results, workdir = small_run
+  assert (workdir / "report.md").read_text().count("![") == 3
+  for name in ("aws_accuracy_vs_density", "aws_barriers", "aws_error_curves"):
+    assert (workdir / f"{name}.png").stat().st_size > 0
+  config = aws_configs.get_config("small")
+  densities = [0.5**k for k in range(1, config.pruning.rounds + 1)]
+  for method in ("lrr", "aws"):
+    pruning = results["pruning"][method]
+    assert pruning["ticket_density"] == pytest.approx(densities, abs=1e-3)
+    assert pruning["density"] == pytest.approx([1.0, 1.0] + densities[:-1], abs=1e-3)
+    # Transfers train with their mask fixed: the sign transfer keeps the ticket's density.
+    for variant in config.transfer.variants:
+      curve = results["transfer"][f"{method}_{variant}"]
+      assert curve["density"] == pytest.approx(
+          [pruning["ticket_density"][curve["round"][0] - 1]])
+    assert len(results["barriers"]["init_norm"][method]) == config.pruning.rounds
+  assert results["transfer"]["dense"]["density"] == [1.0]
+  assert set(results["findings"]) == {"init_norm_barrier", "sign_transfer_accuracy"}
+
+
+def test_small_run_resumes_without_training_again(small_run):
+  results, workdir = small_run
+  logs = sorted(workdir.glob("**/metrics.jsonl"))
+  before = [path.read_text() for path in logs]
+  runner.main(["--config", "small", "--workdir", str(workdir)])
+  assert [path.read_text() for path in logs] == before
+  assert json.loads((workdir / "results.json").read_text()) == results
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("pruning.rounds=0", "pruning rounds must be an int >= 1"),
+    ("transfer.densities=(1.5,)", "density must be in (0, 1]"),
+    ("transfer.densities=(0.0,)", "density must be in (0, 1]"),
+    ("pruning.fraction=1.2", "pruning fraction"),
+    ("methods=('lrr', 'imp')", "methods="),
+    ("transfer.variants=('sign', 'sign')", "transfer.variants="),
+])
+def test_cli_exits_2_on_bad_input(override, fragment, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    runner.main(["--config", "small", "--workdir", str(tmp_path / "run"), "--set", override])
+  assert exit_info.value.code == 2
+  error = capsys.readouterr().err
+  assert error.startswith("error: ") and error.count("\n") == 1 and fragment in error
+  assert not (tmp_path / "run").exists()
+
+
+def test_unknown_preset_is_a_user_error():
+  with pytest.raises(UserError, match="unknown config preset 'cifar'"):
+    aws_configs.get_config("cifar")
