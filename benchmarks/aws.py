@@ -20,22 +20,17 @@ under 2 minutes on a 2-core CPU, where its numbers only show that the benchmark 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import pathlib
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from jaxtickets import aws, lmc, population
-from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
 from jaxtickets.errors import exit_on_user_error
 from jaxtickets.models import get_model
@@ -79,24 +74,6 @@ QUICK = Settings(model="convnet3", model_options={"width": 8}, train_examples=51
                  batch_size=32, steps_per_call=1, timings=2)
 
 
-def _median_seconds(call: Callable[[], Any], timings: int) -> float:
-  """Median wall time of ``call()`` after one untimed call (compilation and warm-up)."""
-  jax.block_until_ready(call())
-  seconds = []
-  for _ in range(timings):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds)
-
-
-def synthetic_split(num_examples: int, seed: int) -> train_lib.Data:
-  rng = np.random.default_rng(seed)
-  return train_lib.device_data(data_lib.Split(
-      rng.integers(0, 256, (num_examples, *IMAGE_SHAPE), dtype=np.uint8),
-      rng.integers(0, NUM_CLASSES, (num_examples,), dtype=np.int32)))
-
-
 def time_barrier_curve(settings: Settings, apply_fn, params, batch_stats, mask,
                        train, test) -> dict[str, Any]:
   """Seconds for one curve: as one population vs point after point."""
@@ -111,14 +88,14 @@ def time_barrier_curve(settings: Settings, apply_fn, params, batch_stats, mask,
   @jax.jit
   def point_error(t, params_a, params_b, batch_stats, train, test, key):
     point = lmc.interpolate(params_a, params_b, t)
-    statistics = lmc.recalibrate(apply_fn, point, batch_stats, train, key,
-                                 batch_size=settings.recalibration_batch)
-    return 1 - train_lib.evaluate(apply_fn, point, statistics, test)["accuracy"]
+    point_stats = lmc.recalibrate(apply_fn, point, batch_stats, train, key,
+                                  batch_size=settings.recalibration_batch)
+    return 1 - train_lib.evaluate(apply_fn, point, point_stats, test)["accuracy"]
 
   points = np.linspace(0, 1, settings.num_points, dtype=np.float32)
-  together = _median_seconds(lambda: curve(params, other, batch_stats, train, test, key),
-                             settings.timings)
-  one_by_one = _median_seconds(
+  together = common.median_seconds(
+      lambda: curve(params, other, batch_stats, train, test, key), settings.timings)
+  one_by_one = common.median_seconds(
       lambda: [point_error(t, params, other, batch_stats, train, test, key) for t in points],
       settings.timings)
   return {"strategy": run_options, "population_s": together, "sequential_s": one_by_one,
@@ -139,10 +116,10 @@ def time_transfer_sweep(settings: Settings, apply_fn, params, batch_stats, mask,
   strategies = {"default": run_options, "vmap": {"strategy": "vmap", "chunk_size": None}}
   for name, options in strategies.items():
     run = jax.jit(train_lib.repeat(population.run(step, **options), settings.steps_per_call))
-    timings[name] = _median_seconds(lambda: run(states, train), settings.timings)
+    timings[name] = common.median_seconds(lambda: run(states, train), settings.timings)
   single = jax.jit(train_lib.repeat(step, settings.steps_per_call))
   members = population.unstack(states)
-  timings["one_at_a_time"] = _median_seconds(
+  timings["one_at_a_time"] = common.median_seconds(
       lambda: [single(member, train) for member in members], settings.timings)
   per_step = {name: seconds / settings.steps_per_call for name, seconds in timings.items()}
   images = settings.members * settings.batch_size
@@ -159,8 +136,10 @@ def run_benchmark(settings: Settings, quick: bool) -> dict[str, Any]:
   apply_fn = train_lib.model_apply_fn(model, MEAN, STD)
   # A 20%-density ticket from one global magnitude cut.
   _, mask = aws.prune(params, aws.dense_mask(params), aws.prunable_leaves(params), 0.8)
-  train = synthetic_split(settings.train_examples, seed=0)
-  test = synthetic_split(settings.test_examples, seed=1)
+  train = train_lib.device_data(common.synthetic_split(
+      settings.train_examples, IMAGE_SHAPE, NUM_CLASSES, seed=0))
+  test = train_lib.device_data(common.synthetic_split(
+      settings.test_examples, IMAGE_SHAPE, NUM_CLASSES, seed=1))
   device = jax.devices()[0]
   print(f"{device.device_kind}, jax {jax.__version__}, {settings.model}")
   curve = time_barrier_curve(settings, apply_fn, params, batch_stats, mask, train, test)
@@ -183,18 +162,11 @@ def run_benchmark(settings: Settings, quick: bool) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes, to check on a CPU that it runs (under 2 minutes)")
-  parser.add_argument("--out", default="benchmarks/out/aws.json",
-                      help="where the JSON report goes")
-  args = parser.parse_args(argv)
+  args = common.parse_args(__doc__, "benchmarks/out/aws.json", argv)
   with exit_on_user_error():
     report = run_benchmark(QUICK if args.quick else FULL, args.quick)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(report, indent=2) + "\n")
-  print(f"\nwrote {out}")
+  common.json_writer(args.out)(report)
+  print(f"\nwrote {args.out}")
   return 0
 
 

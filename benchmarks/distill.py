@@ -26,11 +26,7 @@ and 2) to run on a 2-core CPU in under 2 minutes; its numbers only show that the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import pathlib
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from benchmarks import common
 from jaxtickets import data as data_lib
 from jaxtickets import population
 from jaxtickets import train as train_lib
@@ -88,27 +85,6 @@ QUICK = Settings(image_size=16, width=8, inner_iterations=2, net_steps=1, num_mo
                  torch_nets=2)
 
 
-def _median_seconds(call: Callable[[], Any], timings: int) -> tuple[float, float]:
-  """(first call's seconds incl. compilation, median seconds of ``timings`` further calls)."""
-  start = time.perf_counter()
-  jax.block_until_ready(call())
-  first = time.perf_counter() - start
-  seconds = []
-  for _ in range(timings):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    seconds.append(time.perf_counter() - start)
-  return first, statistics.median(seconds)
-
-
-def synthetic_split(num_examples: int, image_size: int, seed: int = 0) -> data_lib.Split:
-  """Uniform random u8 images with balanced labels."""
-  rng = np.random.default_rng(seed)
-  return data_lib.Split(rng.integers(0, 256, (num_examples, image_size, image_size, 3),
-                                     dtype=np.uint8),
-                        np.arange(num_examples, dtype=np.int32) % NUM_CLASSES)
-
-
 def time_outer_iteration(settings: Settings, num_models: int) -> dict[str, Any]:
   """Seconds of one Acc-DD outer iteration (inner iterations as one compiled scan)."""
   image_shape = (settings.image_size, settings.image_size, 3)
@@ -116,7 +92,7 @@ def time_outer_iteration(settings: Settings, num_models: int) -> dict[str, Any]:
   method = methods.get_method("acc_dd", IPC, inner_iterations=settings.inner_iterations,
                               net_steps=settings.net_steps)
   net_optimizer = train_lib.sgd(0.01)
-  real = synthetic_split(settings.num_examples, settings.image_size)
+  real = common.synthetic_split(settings.num_examples, image_shape, NUM_CLASSES)
   pool = augment_models.init_nets(jax.random.key(1), model, image_shape, 5, net_optimizer)
   data = methods.distill_data(real, NUM_CLASSES,
                               {"params": pool.params, "batch_stats": pool.batch_stats})
@@ -138,7 +114,7 @@ def time_outer_iteration(settings: Settings, num_models: int) -> dict[str, Any]:
     holder["state"], metrics = outer(holder["state"], data)
     return metrics
 
-  first, seconds = _median_seconds(call, settings.timings)
+  first, seconds = common.first_and_median_seconds(call, settings.timings)
   return {"num_models": num_models, "outer_iteration_s": seconds, "first_call_s": first,
           "projected_s": seconds * settings.projected_outer / num_models,
           "projected_outer_iterations": settings.projected_outer / num_models}
@@ -149,7 +125,7 @@ def time_evaluation(settings: Settings, num_nets: int) -> dict[str, Any]:
   image_shape = (settings.image_size, settings.image_size, 3)
   model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width)
   protocol = evaluate.Protocol(num_nets=num_nets)
-  split = synthetic_split(NUM_CLASSES * IPC * 4, settings.image_size, seed=1)
+  split = common.synthetic_split(NUM_CLASSES * IPC * 4, image_shape, NUM_CLASSES, seed=1)
   steps_per_epoch = data_lib.steps_per_epoch(len(split.labels), protocol.batch_size)
   net_optimizer = evaluate.optimizer(protocol, steps_per_epoch)
   nets = augment_models.init_nets(jax.random.key(0), model, image_shape, num_nets,
@@ -167,18 +143,10 @@ def time_evaluation(settings: Settings, num_nets: int) -> dict[str, Any]:
     holder["nets"], metrics = run(holder["nets"], data)
     return metrics
 
-  first, seconds = _median_seconds(call, settings.timings)
+  first, seconds = common.first_and_median_seconds(call, settings.timings)
   images = num_nets * protocol.batch_size * settings.eval_steps
   return {"num_nets": num_nets, "strategy": options["strategy"], "images_per_s": images / seconds,
           "step_ms": 1e3 * seconds / settings.eval_steps, "first_call_s": first}
-
-
-def torch_cuda_available() -> bool:
-  try:
-    import torch  # noqa: PLC0415  (optional: only the baseline needs it)
-  except ImportError:
-    return False
-  return torch.cuda.is_available()
 
 
 def time_torch_evaluation(settings: Settings) -> float:
@@ -192,20 +160,14 @@ def time_torch_evaluation(settings: Settings) -> float:
   device = torch.device("cuda")
   torch.backends.cudnn.benchmark = True
   size, width, batch = settings.image_size, settings.width, 64
-  split = synthetic_split(NUM_CLASSES * IPC * 4, size, seed=1)
+  split = common.synthetic_split(NUM_CLASSES * IPC * 4, (size, size, 3), NUM_CLASSES, seed=1)
   images = torch.from_numpy(split.images).to(device).permute(0, 3, 1, 2).float() / 255
   labels = torch.from_numpy(split.labels).long().to(device)
   mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
   std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
   def convnet3() -> nn.Module:
-    layers, channels = [], 3
-    for _ in range(3):
-      layers += [nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(width, width),
-                 nn.ReLU(), nn.AvgPool2d(2)]
-      channels = width
-    return nn.Sequential(*layers, nn.Flatten(),
-                         nn.Linear(width * (size // 8) ** 2, NUM_CLASSES)).to(device)
+    return common.torch_convnet3(width, size, NUM_CLASSES, device)
 
   def dsa(x: torch.Tensor) -> torch.Tensor:
     """Per-sample DSA as IDC's DiffAug(batch=False): flip, color, one of crop/scale/rotate."""
@@ -298,7 +260,7 @@ def run_benchmark(settings: Settings, quick: bool,
     print(f"{num_nets:>3}  {result['strategy']:<9}{result['images_per_s']:>12,.0f}"
           f"{result['step_ms']:>10.2f}", flush=True)
     save(report)
-  if torch_cuda_available():
+  if common.torch_cuda_available():
     torch_speed = time_torch_evaluation(settings)
     largest = report["evaluation"][-1]
     speedup = largest["images_per_s"] / torch_speed
@@ -314,20 +276,9 @@ def run_benchmark(settings: Settings, quick: bool,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes, to check on a CPU that it runs (under 2 minutes)")
-  parser.add_argument("--out", default="benchmarks/out/distill.json",
-                      help="where the JSON report goes")
-  args = parser.parse_args(argv)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-
-  def save(report: dict[str, Any]) -> None:
-    out.write_text(json.dumps(report, indent=2) + "\n")
-
-  run_benchmark(QUICK if args.quick else FULL, args.quick, save)
-  print(f"\nwrote {out}")
+  args = common.parse_args(__doc__, "benchmarks/out/distill.json", argv)
+  run_benchmark(QUICK if args.quick else FULL, args.quick, common.json_writer(args.out))
+  print(f"\nwrote {args.out}")
   return 0
 
 

@@ -21,22 +21,17 @@ full run on one GPU takes several minutes, most of it ResNet-18).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import pathlib
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtickets import data as data_lib
+from benchmarks import common
 from jaxtickets import population
 from jaxtickets import train as train_lib
 from jaxtickets.errors import UserError, exit_on_user_error
@@ -113,25 +108,6 @@ class Result:
   error: str | None = None
 
 
-def _median_seconds(call: Callable[[], Any], timings: int) -> float:
-  """Median wall time of ``call()`` after one untimed call (compilation and warm-up)."""
-  jax.block_until_ready(call())
-  seconds = []
-  for _ in range(timings):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds)
-
-
-def synthetic_data(num_examples: int, seed: int = 0) -> train_lib.Data:
-  """Uniform random u8[num_examples, 32, 32, 3] images and i32 labels, in device memory."""
-  rng = np.random.default_rng(seed)
-  return train_lib.device_data(data_lib.Split(
-      rng.integers(0, 256, (num_examples, *IMAGE_SHAPE), dtype=np.uint8),
-      rng.integers(0, NUM_CLASSES, (num_examples,), dtype=np.int32)))
-
-
 def _strategies(num_members: int, chunk_size: int) -> list[tuple[str, int | None]]:
   """(strategy, chunk size) pairs that apply to a population of ``num_members``.
 
@@ -187,20 +163,12 @@ def time_strategies(model_name: str, dtype: str, num_members: int, data: train_l
         inputs = (states, data)
         population_step = population.run(step, strategy=strategy, chunk_size=chunk_size)
       train_steps = jax.jit(train_lib.repeat(population_step, settings.steps_per_call))
-      seconds = _median_seconds(lambda: train_steps(*inputs), settings.timings)
+      seconds = common.median_seconds(lambda: train_steps(*inputs), settings.timings)
     except jax.errors.JaxRuntimeError as error:
       yield result(images_per_s=None, step_ms=None, error=_error_line(error))
       continue
     images = num_members * batch_size * settings.steps_per_call
     yield result(images_per_s=images / seconds, step_ms=1e3 * seconds / settings.steps_per_call)
-
-
-def torch_cuda_available() -> bool:
-  try:
-    import torch  # noqa: PLC0415  (optional: only the baseline needs it)
-  except ImportError:
-    return False
-  return torch.cuda.is_available()
 
 
 def time_torch_convnet3(dtype: str, settings: Settings) -> float:
@@ -227,15 +195,6 @@ def time_torch_convnet3(dtype: str, settings: Settings) -> float:
   mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
   std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
-  def convnet3() -> nn.Module:
-    layers, channels = [], 3
-    for _ in range(3):
-      layers += [nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(width, width),
-                 nn.ReLU(), nn.AvgPool2d(2)]
-      channels = width
-    features = width * (IMAGE_SHAPE[0] // 8) ** 2
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(features, NUM_CLASSES)).to(device)
-
   def train(model: nn.Module, optimizer: torch.optim.Optimizer, num_steps: int) -> None:
     for _ in range(num_steps):
       index = torch.randint(0, settings.num_examples, (batch_size,), device=device,
@@ -246,6 +205,9 @@ def time_torch_convnet3(dtype: str, settings: Settings) -> float:
       optimizer.zero_grad(set_to_none=True)
       loss.backward()
       optimizer.step()
+
+  def convnet3() -> nn.Module:
+    return common.torch_convnet3(width, IMAGE_SHAPE[0], NUM_CLASSES, device)
 
   models = [convnet3() for _ in range(settings.torch_members)]
   optimizers = [torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9,
@@ -290,7 +252,8 @@ def _row(result: Result) -> str:
 
 def run_benchmark(settings: Settings, models: Sequence[str], quick: bool) -> dict[str, Any]:
   """Times every configuration, prints the table and returns the JSON report."""
-  data = synthetic_data(settings.num_examples)
+  data = train_lib.device_data(
+      common.synthetic_split(settings.num_examples, IMAGE_SHAPE, NUM_CLASSES))
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
   print(f"{_HEADER}\n{'-' * len(_HEADER)}", flush=True)
   results = []
@@ -308,7 +271,7 @@ def run_benchmark(settings: Settings, models: Sequence[str], quick: bool) -> dic
           f"({result.images_per_s:,.0f} images/s)")
 
   torch_report = None
-  if "convnet3" in models and torch_cuda_available():
+  if "convnet3" in models and common.torch_cuda_available():
     convnet = settings.models["convnet3"]
     torch_report = {"members": settings.torch_members, "steps_per_model": settings.torch_steps,
                     "batch_size": convnet.batch_size, "images_per_s": {}, "speedup": {}}
@@ -342,14 +305,9 @@ def run_benchmark(settings: Settings, models: Sequence[str], quick: bool) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes, to check on a CPU that it runs (under 2 minutes)")
-  parser.add_argument("--out", default="benchmarks/out/population.json",
-                      help="where the JSON report goes")
-  parser.add_argument("--models", default="convnet3,resnet18",
-                      help="comma-separated subset of: convnet3, resnet18")
-  args = parser.parse_args(argv)
+  args = common.parse_args(__doc__, "benchmarks/out/population.json", argv, lambda parser: (
+      parser.add_argument("--models", default="convnet3,resnet18",
+                          help="comma-separated subset of: convnet3, resnet18")))
   settings = QUICK if args.quick else FULL
   models = [name for name in args.models.split(",") if name]
   with exit_on_user_error():
@@ -357,10 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or not models:
       raise UserError(f"--models {args.models!r}: choose from {', '.join(settings.models)}")
     report = run_benchmark(settings, models, args.quick)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(report, indent=2) + "\n")
-  print(f"\nwrote {out}")
+  common.json_writer(args.out)(report)
+  print(f"\nwrote {args.out}")
   return 0
 
 

@@ -29,13 +29,10 @@ the PyTorch step on the CPU (to check that code path where there is no GPU).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import pathlib
 import platform
-import statistics
 import subprocess
 import time
 import traceback
@@ -46,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from jaxtickets import data as data_lib
 from jaxtickets import rst, tickets
 from jaxtickets import train as train_lib
@@ -91,23 +89,6 @@ QUICK = Settings(batch_size=4, width=8, steps_per_call=1, timings=2, num_example
                  matmul_size=256, torch_warmup=1, torch_steps=2)
 
 
-def _median_seconds(call: Callable[[], Any], timings: int) -> float:
-  """Median wall time of ``call()`` (which must block until its work is done)."""
-  seconds = []
-  for _ in range(timings):
-    start = time.perf_counter()
-    call()
-    seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds)
-
-
-def synthetic_data(num_examples: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Uniform random u8[num_examples, 32, 32, 3] images and i32 labels."""
-  rng = np.random.default_rng(seed)
-  return (rng.integers(0, 256, (num_examples, *IMAGE_SHAPE), dtype=np.uint8),
-          rng.integers(0, NUM_CLASSES, (num_examples,), dtype=np.int32))
-
-
 def flops_per_image(settings: Settings) -> tuple[int, int]:
   """(dense MACs of one forward, model FLOPs of one search step) per image."""
   model = get_model("resnet18", num_classes=NUM_CLASSES, width=settings.width,
@@ -146,7 +127,7 @@ def time_jax(dtype: str, settings: Settings, images: np.ndarray,
   start = time.perf_counter()
   call()
   compile_s = time.perf_counter() - start
-  seconds = _median_seconds(call, settings.timings)
+  seconds = common.median_seconds(call, settings.timings)
   images_per_call = settings.batch_size * settings.steps_per_call
   return {"images_per_s": images_per_call / seconds,
           "step_ms": 1e3 * seconds / settings.steps_per_call,
@@ -159,7 +140,7 @@ def matmul_rate(size: int, timings: int = 5) -> float:
   b = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
   dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
   jax.block_until_ready(dot(a, b))
-  seconds = _median_seconds(lambda: jax.block_until_ready(dot(a, b)), timings)
+  seconds = common.median_seconds(lambda: jax.block_until_ready(dot(a, b)), timings)
   return 2 * size**3 / seconds
 
 
@@ -335,7 +316,8 @@ def run(settings: Settings, torch_device: str, save: Callable[[dict[str, Any]], 
   print(f"model FLOPs per image and step: {step_flops / 1e9:.3f} G "
         f"(dense forward {dense_macs / 1e6:.1f} M MACs x 2 x 3 x {ATTACK.num_steps + 1})",
         flush=True)
-  images, labels = synthetic_data(settings.num_examples)
+  split = common.synthetic_split(settings.num_examples, IMAGE_SHAPE, NUM_CLASSES)
+  images, labels = split.images, split.labels
   results: dict[str, Any] = {
       "device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
       "commit": git_commit(), "settings": dataclasses.asdict(settings),
@@ -393,21 +375,14 @@ def run(settings: Settings, torch_device: str, save: Callable[[dict[str, Any]], 
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
-  parser.add_argument("--out", default="benchmarks/out/rst_step.json", help="JSON output path")
-  parser.add_argument("--torch-device", default="cuda", choices=("cuda", "cpu"),
-                      help="where the PyTorch reference step runs (cpu: to check the code)")
-  args = parser.parse_args(argv)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-
-  def save(results: dict[str, Any]) -> None:
-    out.write_text(json.dumps({**results, "quick": args.quick}, indent=2) + "\n")
-
+  args = common.parse_args(__doc__, "benchmarks/out/rst_step.json", argv, lambda parser: (
+      parser.add_argument("--torch-device", default="cuda", choices=("cuda", "cpu"),
+                          help="where the PyTorch reference step runs (cpu: to check the code)")))
+  write = common.json_writer(args.out)
   with exit_on_user_error():
-    run(QUICK if args.quick else FULL, args.torch_device, save)
-  print(f"wrote {out}")
+    run(QUICK if args.quick else FULL, args.torch_device,
+        lambda results: write({**results, "quick": args.quick}))
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
