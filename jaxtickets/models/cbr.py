@@ -8,13 +8,17 @@ There is no official code; the configurations are as read from secondary sources
 - CBR-LargeW: 7x7, 64-128-256-512, maxpool after each.
 - CBR-Small: 7x7, 32-64-128-256, maxpool after each.
 - CBR-Tiny: 5x5, 64-128-256-512, maxpool after each.
+
+``unit_widths`` sets every unit's channels explicitly (Transfusion's "slim top": pretrained lower
+units at their widths, narrower random units above).
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 
+from jaxtickets.errors import UserError
 from jaxtickets.models.layers import Array, ConvStack, global_average_pool
 
 
@@ -24,14 +28,24 @@ class CBR(ConvStack):
   Attributes:
     depth: number of conv-BN-ReLU units.
     pooled: the first ``pooled`` units are followed by a maxpool.
+    unit_widths: output channels of each of the ``depth`` units (stem first), or None for
+      ``width`` doubling from unit to unit.
   """
 
   kernel_size: int = 7
   depth: int = 4
   pooled: int = 4
+  unit_widths: Sequence[int] | None = None
 
   def _plan(self) -> tuple[tuple[int, bool], ...]:
-    return tuple((self.width * 2**index, index < self.pooled) for index in range(self.depth))
+    if self.unit_widths is None:
+      widths = tuple(self.width * 2**index for index in range(self.depth))
+    else:
+      widths = tuple(self.unit_widths)
+      if len(widths) != self.depth or min(widths) < 1:
+        raise UserError(f"unit_widths={widths!r}; expected {self.depth} positive ints (one per "
+                        f"unit of {type(self).__name__})")
+    return tuple((features, index < self.pooled) for index, features in enumerate(widths))
 
   def _pooling(self) -> Callable[[Array], Array]:
     return functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2), padding="SAME")

@@ -10,6 +10,9 @@ average pool, Dense ``head``. Stage ``i`` has ``width * 2**i`` planes.
   experiments. Their paper uses identity shortcuts with zero-padding (option A); this zoo
   defaults to 1x1 conv + norm projections (option B, the RST/kuangliu code), and
   ``shortcut="zero_pad"`` gives option A.
+
+``unit_widths`` sets the stem's channels and every block's planes explicitly (Transfusion's "slim
+top": pretrained lower blocks at their widths, narrower random blocks above).
 """
 
 from collections.abc import Sequence
@@ -70,17 +73,31 @@ class ResNet(Classifier):
     stage_sizes: residual blocks per stage.
     block: "basic" or "bottleneck".
     shortcut: "projection" (1x1 conv + norm, option B) or "zero_pad" (option A).
+    unit_widths: the stem's channels then each residual block's planes, in forward order, or
+      None for ``width * 2**stage``. A block whose input has other channels gets a projection.
   """
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   block: str = "basic"
   shortcut: str = "projection"
+  unit_widths: Sequence[int] | None = None
 
   def _plan(self) -> tuple[tuple[str, int, int], ...]:
     """(name, planes, strides) of every residual block in forward order."""
-    return tuple((f"layer{stage + 1}_{index}", self.width * 2**stage,
+    plan = tuple((f"layer{stage + 1}_{index}", self.width * 2**stage,
                   2 if stage > 0 and index == 0 else 1)
                  for stage, size in enumerate(self.stage_sizes) for index in range(size))
+    if self.unit_widths is None:
+      return plan
+    widths = tuple(self.unit_widths)
+    if len(widths) != 1 + len(plan) or min(widths) < 1:
+      raise UserError(f"unit_widths={widths!r}; expected {1 + len(plan)} positive ints (the "
+                      f"stem, then each residual block)")
+    return tuple((name, planes, strides)
+                 for (name, _, strides), planes in zip(plan, widths[1:]))
+
+  def _stem_width(self) -> int:
+    return self.width if self.unit_widths is None else self.unit_widths[0]
 
   @property
   def block_names(self) -> tuple[str, ...]:
@@ -97,9 +114,10 @@ class ResNet(Classifier):
       raise UserError(f"unknown ResNet shortcut {self.shortcut!r}; "
                       f"known: {', '.join(SHORTCUT_KINDS)}")
     layers = self._layers()
+    plan = self._plan()
     x = self._conv_unit(x, layers, train=train, conv_name="stem", norm_name="stem_norm",
-                        features=self.width, kernel_size=3)
-    for name, planes, strides in self._plan():
+                        features=self._stem_width(), kernel_size=3)
+    for name, planes, strides in plan:
       x = ResidualBlock(layers, self.block, planes, strides, self.shortcut, name=name)(x, train)
       x = self._emit(name, x)
     return self._classify(global_average_pool(x), layers)
