@@ -40,6 +40,7 @@ from jaxtickets import data as data_lib
 from jaxtickets import population
 from jaxtickets import train as train_lib
 from jaxtickets.distill import augment_models, evaluate, methods, synthetic
+from jaxtickets.errors import UserError, exit_on_user_error
 from jaxtickets.models import get_model
 
 NUM_CLASSES = 10
@@ -231,9 +232,13 @@ def time_torch_evaluation(settings: Settings) -> float:
   return settings.torch_nets * settings.torch_steps * batch / (time.perf_counter() - start)
 
 
-def run_benchmark(settings: Settings, quick: bool,
-                  save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-  """Times everything, prints the tables, and saves the report after each measurement."""
+PARTS = ("outer", "evaluation")
+
+
+def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any]], None],
+                  parts: Sequence[str] = PARTS) -> dict[str, Any]:
+  """Times ``parts`` (see module docstring; "evaluation" includes the PyTorch baseline), prints
+  the tables, and saves the report after each measurement."""
   device = jax.devices()[0]
   print(f"{device.device_kind} ({device.platform}), jax {jax.__version__}; ConvNet-3 width "
         f"{settings.width}, {settings.image_size}x{settings.image_size}x3, IPC {IPC}",
@@ -245,7 +250,7 @@ def run_benchmark(settings: Settings, quick: bool,
   print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations, "
         f"{settings.net_steps} net steps each):")
   print(f"{'M':>3}{'s/outer':>10}{'first call s':>14}{'projected':>22}")
-  for num_models in settings.num_models:
+  for num_models in settings.num_models if "outer" in parts else ():
     result = time_outer_iteration(settings, num_models)
     report["outer_iteration"].append(result)
     print(f"{num_models:>3}{result['outer_iteration_s']:>10.3f}{result['first_call_s']:>14.1f}"
@@ -254,13 +259,13 @@ def run_benchmark(settings: Settings, quick: bool,
     save(report)
   print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
   print(f"{'N':>3}  {'strategy':<9}{'images/s':>12}{'ms/step':>10}")
-  for num_nets in settings.members:
+  for num_nets in settings.members if "evaluation" in parts else ():
     result = time_evaluation(settings, num_nets)
     report["evaluation"].append(result)
     print(f"{num_nets:>3}  {result['strategy']:<9}{result['images_per_s']:>12,.0f}"
           f"{result['step_ms']:>10.2f}", flush=True)
     save(report)
-  if common.torch_cuda_available():
+  if "evaluation" in parts and common.torch_cuda_available():
     torch_speed = time_torch_evaluation(settings)
     largest = report["evaluation"][-1]
     speedup = largest["images_per_s"] / torch_speed
@@ -276,8 +281,14 @@ def run_benchmark(settings: Settings, quick: bool,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = common.parse_args(__doc__, "benchmarks/out/distill.json", argv)
-  run_benchmark(QUICK if args.quick else FULL, args.quick, common.json_writer(args.out))
+  args = common.parse_args(__doc__, "benchmarks/out/distill.json", argv, lambda parser: (
+      parser.add_argument("--parts", default=",".join(PARTS),
+                          help=f"comma-separated subset of: {', '.join(PARTS)}")))
+  parts = [part for part in args.parts.split(",") if part]
+  with exit_on_user_error():
+    if not parts or set(parts) - set(PARTS):
+      raise UserError(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
+    run_benchmark(QUICK if args.quick else FULL, args.quick, common.json_writer(args.out), parts)
   print(f"\nwrote {args.out}")
   return 0
 
