@@ -52,9 +52,13 @@ MESH_AXIS = "population"
 # - ("gpu", "resnet18"), batch 256, bf16: one member 49k img/s, but vmap of 4 members 28k and of
 #   8 members 35k img/s in total (vmapped conv weights become slower grouped convolutions), so
 #   members run one after another (map without chunks).
+# - ("gpu", "resnet20"), batch 128, fp32 (benchmarks/aws.py, the AWS transfer sweep): vmap of 16
+#   members 39k img/s in total vs 46k running them one after another; the same grouped-conv
+#   penalty as ResNet-18 although ResNet-20 has only 0.27M parameters.
 _MEASURED: dict[tuple[str, str], dict[str, Any]] = {
     ("gpu", "convnet3"): {"strategy": "vmap", "chunk_size": None},
     ("gpu", "resnet18"): {"strategy": "map", "chunk_size": None},
+    ("gpu", "resnet20"): {"strategy": "map", "chunk_size": None},
 }
 # Without a measurement: vmap up to this many parameters per member, map (one member at a time)
 # above. ConvNet-3 (width 128, 32x32x3 input) has 0.32M parameters, ResNet-18 11M.
