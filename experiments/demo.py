@@ -11,38 +11,25 @@ import argparse
 import pathlib
 import time
 
-from experiments import dense, rst
-from experiments.configs import dense as dense_configs
+import jax
+
+from experiments import aws, dense, distill, rst, transfusion
 from jaxtickets import report as report_lib
 from jaxtickets.errors import exit_on_user_error
 
-
-def dense_section(report: report_lib.Report, workdir: pathlib.Path) -> None:
-  result = dense.train_and_evaluate(dense_configs.get_config("digits_convnet3"),
-                                    workdir / "dense")
-  records = result["records"]
-  steps = [r["step"] for r in records]
-  report.section(
-      "Dense baseline",
-      f"{result['model']} ({result['num_params']:,} parameters) trained on {result['dataset']}: "
-      f"final test accuracy **{result['test_accuracy']:.2%}** after {result['steps']} steps.")
-  report.figure("dense_learning_curve", report_lib.line_plot(
-      {"train accuracy": (steps, [r["train_accuracy"] for r in records]),
-       "test accuracy": (steps, [r["test_accuracy"] for r in records])},
-      xlabel="step", ylabel="accuracy", title="Dense ConvNet-3 on digits"),
-      "Dense ConvNet-3 learning curve on digits")
-
-
-SECTIONS = (dense_section, rst.demo_section)
+# Each study module contributes ``demo_section(report, workdir)``, run in this order.
+STUDIES = (dense, rst, aws, distill, transfusion)
 
 
 def run(workdir: str | pathlib.Path) -> pathlib.Path:
   workdir = pathlib.Path(workdir)
   report = report_lib.Report(workdir, "jaxtickets demo (digits, CPU scale)")
-  for section in SECTIONS:
+  for study in STUDIES:
     started = time.perf_counter()
-    section(report, workdir)
-    report.text(f"_{section.__name__}: {time.perf_counter() - started:.0f} s_\n")
+    study.demo_section(report, workdir)
+    name = study.__name__.rsplit(".", 1)[-1]
+    report.text(f"_{name} section: {time.perf_counter() - started:.0f} s on "
+                f"{jax.default_backend()}_\n")
   return report.write()
 
 

@@ -12,6 +12,7 @@ import ml_collections
 from experiments import build, cli
 from experiments.configs import dense as dense_configs
 from jaxtickets import checkpoint, loop
+from jaxtickets import report as report_lib
 from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
 
@@ -54,5 +55,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return {**results, "records": records}
 
 
+def demo_section(report: report_lib.Report, workdir: pathlib.Path) -> None:
+  """The demo's first section: the ``digits_convnet3`` preset in ``workdir / "dense"``."""
+  result = train_and_evaluate(dense_configs.get_config("digits_convnet3"), workdir / "dense")
+  records = result["records"]
+  steps = [r["step"] for r in records]
+  report.section(
+      "Dense baseline",
+      f"{result['model']} ({result['num_params']:,} parameters) trained on {result['dataset']}: "
+      f"final test accuracy **{result['test_accuracy']:.2%}** after {result['steps']} steps.")
+  report.figure("dense_learning_curve", report_lib.line_plot(
+      {"train accuracy": (steps, [r["train_accuracy"] for r in records]),
+       "test accuracy": (steps, [r["test_accuracy"] for r in records])},
+      xlabel="step", ylabel="accuracy", title="Dense ConvNet-3 on digits"),
+      "Dense ConvNet-3 learning curve on digits")
+
+
+def main(argv=None) -> None:
+  cli.main(train_and_evaluate, dense_configs, argv)
+
+
 if __name__ == "__main__":
-  cli.main(train_and_evaluate, dense_configs)
+  main()
