@@ -106,7 +106,8 @@ def recalibrate(apply_fn: train_lib.ApplyFn, params: PyTree, batch_stats: PyTree
 
 
 def make_error_curve(apply_fn: train_lib.ApplyFn, *, num_points: int = 11, batch_size: int = 128,
-                     augment: train_lib.Augment | None = None, eval_batch_size: int = 500, **run_options: Any) -> ErrorCurve:
+                     augment: train_lib.Augment | None = None, eval_batch_size: int = 500,
+                     **run_options: Any) -> ErrorCurve:
   """The compiled test-error curve between two networks, its points run as one population.
 
   Args:
