@@ -13,8 +13,9 @@ dataset needs to be prepared:
    initialized here; pretraining does not change the cost) and is perturbed. Printed: seconds per
    outer iteration and the projected time of the paper's 500 (target on an H100: < 10 min), for
    M = 1 net per update (the reference) and M = 5.
-2. **Evaluation throughput**: N = 1, 8, 32 ConvNet-3s trained as one population on a decoded
-   IPC-10 set (400 images), batch 64, per-sample DSA + CutMix, SGD; images/s over all nets.
+2. **Evaluation throughput**: N = 1, 8, 32 ConvNet-3s (float32, and bfloat16 compute with
+   float32 params) trained as one population on a decoded IPC-10 set (400 images), batch 64,
+   per-sample DSA + CutMix, SGD; images/s over all nets.
 3. When PyTorch with CUDA is importable: the same evaluation training one net after another in a
    PyTorch eager loop (the same ConvNet-3, per-sample DSA color/crop/flip/scale/rotate via
    ``affine_grid``, CutMix p 0.5, SGD 0.01 / 0.9 / 5e-4), and the speed-up of 32 nets as one
@@ -59,6 +60,7 @@ class Settings:
     net_steps: net SGD steps per inner iteration.
     num_models: M values timed for the outer iteration.
     members: population sizes N of the evaluation.
+    eval_dtypes: compute dtypes of the evaluation nets (params stay float32).
     eval_steps: evaluation steps per timed call.
     num_examples: real images in device memory.
     timings: timed calls (median).
@@ -72,6 +74,7 @@ class Settings:
   net_steps: int = 32
   num_models: tuple[int, ...] = (1, 5)
   members: tuple[int, ...] = (1, 8, 32)
+  eval_dtypes: tuple[str, ...] = ("float32", "bfloat16")
   eval_steps: int = 50
   num_examples: int = 10_000
   timings: int = 3
@@ -82,8 +85,8 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(image_size=16, width=8, inner_iterations=2, net_steps=1, num_models=(1,),
-                 members=(1, 2), eval_steps=2, num_examples=512, timings=2, torch_steps=3,
-                 torch_nets=2)
+                 members=(1, 2), eval_dtypes=("float32",), eval_steps=2, num_examples=512,
+                 timings=2, torch_steps=3, torch_nets=2)
 
 
 def time_outer_iteration(settings: Settings, num_models: int) -> dict[str, Any]:
@@ -121,10 +124,10 @@ def time_outer_iteration(settings: Settings, num_models: int) -> dict[str, Any]:
           "projected_outer_iterations": settings.projected_outer / num_models}
 
 
-def time_evaluation(settings: Settings, num_nets: int) -> dict[str, Any]:
-  """Images/s of ``num_nets`` evaluation nets trained as one population."""
+def time_evaluation(settings: Settings, num_nets: int, dtype: str) -> dict[str, Any]:
+  """Images/s of ``num_nets`` evaluation nets trained as one population in ``dtype``."""
   image_shape = (settings.image_size, settings.image_size, 3)
-  model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width)
+  model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width, dtype=dtype)
   protocol = evaluate.Protocol(num_nets=num_nets)
   split = common.synthetic_split(NUM_CLASSES * IPC * 4, image_shape, NUM_CLASSES, seed=1)
   steps_per_epoch = data_lib.steps_per_epoch(len(split.labels), protocol.batch_size)
@@ -146,8 +149,9 @@ def time_evaluation(settings: Settings, num_nets: int) -> dict[str, Any]:
 
   first, seconds = common.first_and_median_seconds(call, settings.timings)
   images = num_nets * protocol.batch_size * settings.eval_steps
-  return {"num_nets": num_nets, "strategy": options["strategy"], "images_per_s": images / seconds,
-          "step_ms": 1e3 * seconds / settings.eval_steps, "first_call_s": first}
+  return {"num_nets": num_nets, "dtype": dtype, "strategy": options["strategy"],
+          "images_per_s": images / seconds, "step_ms": 1e3 * seconds / settings.eval_steps,
+          "first_call_s": first}
 
 
 def time_torch_evaluation(settings: Settings) -> float:
@@ -258,22 +262,27 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
           f" outer", flush=True)
     save(report)
   print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
-  print(f"{'N':>3}  {'strategy':<9}{'images/s':>12}{'ms/step':>10}")
-  for num_nets in settings.members if "evaluation" in parts else ():
-    result = time_evaluation(settings, num_nets)
+  print(f"{'dtype':<9}{'N':>3}  {'strategy':<9}{'images/s':>12}{'ms/step':>10}")
+  evaluations = [(dtype, num_nets) for dtype in settings.eval_dtypes
+                 for num_nets in settings.members] if "evaluation" in parts else []
+  for dtype, num_nets in evaluations:
+    result = time_evaluation(settings, num_nets, dtype)
     report["evaluation"].append(result)
-    print(f"{num_nets:>3}  {result['strategy']:<9}{result['images_per_s']:>12,.0f}"
+    print(f"{dtype:<9}{num_nets:>3}  {result['strategy']:<9}{result['images_per_s']:>12,.0f}"
           f"{result['step_ms']:>10.2f}", flush=True)
     save(report)
   if "evaluation" in parts and common.torch_cuda_available():
     torch_speed = time_torch_evaluation(settings)
-    largest = report["evaluation"][-1]
-    speedup = largest["images_per_s"] / torch_speed
+    largest = max(settings.members)
+    speedups = {result["dtype"]: result["images_per_s"] / torch_speed
+                for result in report["evaluation"] if result["num_nets"] == largest}
     report["torch"] = {"images_per_s": torch_speed, "nets": settings.torch_nets,
-                       "steps_per_net": settings.torch_steps,
-                       f"speedup_of_{largest['num_nets']}_nets": speedup}
-    print(f"\nPyTorch eager, one net after another: {torch_speed:,.0f} images/s; "
-          f"{largest['num_nets']} nets as one population: {speedup:.1f}x (target >= 10x)")
+                       "steps_per_net": settings.torch_steps, "dtype": "float32",
+                       f"speedup_of_{largest}_nets": speedups}
+    print(f"\nPyTorch eager fp32 (the reference's precision), one net after another: "
+          f"{torch_speed:,.0f} images/s; {largest} nets as one population: "
+          + ", ".join(f"{dtype} {ratio:.1f}x" for dtype, ratio in speedups.items())
+          + " (target >= 10x)")
   else:
     print("\nPyTorch baseline skipped: torch with CUDA is not importable")
   save(report)
