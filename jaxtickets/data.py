@@ -45,6 +45,11 @@ _CANONICAL_STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
+# Where the shared (read-only, never copied) data sets live: this environment variable, else
+# ``../shared/data`` beside the source checkout (``make`` installs the checkout editable).
+SHARED_DATA_ENV = "JAXTICKETS_SHARED_DATA"
+_DEFAULT_SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
 # Records fetched per TFDS read call: amortizes the call overhead, bounds the temporary list.
 _RECORDS_PER_READ = 4096
 
@@ -92,6 +97,11 @@ class Dataset:
 
 # ----------------------------------------------------------------------------------------------
 # Loading
+
+
+def shared_data_dir() -> pathlib.Path:
+  """``$JAXTICKETS_SHARED_DATA``, else ``../shared/data`` beside the checkout (may not exist)."""
+  return pathlib.Path(os.environ.get(SHARED_DATA_ENV, _DEFAULT_SHARED_DATA))
 
 
 def load_dataset(

@@ -12,19 +12,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-_DEFAULT_SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def shared_data_dir() -> pathlib.Path | None:
-  """The shared test data folder ($JAXTICKETS_SHARED_DATA or ../shared/data), or None."""
-  path = pathlib.Path(os.environ.get("JAXTICKETS_SHARED_DATA", _DEFAULT_SHARED))
-  return path if path.is_dir() else None
+from jaxtickets import data  # noqa: E402
 
 
 @pytest.fixture
 def shared_data() -> pathlib.Path:
   """Path of the shared data folder; skips the test when it is absent."""
-  path = shared_data_dir()
-  if path is None:
-    pytest.skip("shared data folder not found (set JAXTICKETS_SHARED_DATA)")
+  path = data.shared_data_dir()
+  if not path.is_dir():
+    pytest.skip(f"shared data folder {path} not found (set {data.SHARED_DATA_ENV})")
   return path

@@ -37,31 +37,23 @@ Deviations from the paper (Raghu et al. 2019):
   training split only.
 """
 
-import os
-import pathlib
-
 import ml_collections
 
 from experiments.configs import common
+from jaxtickets import data as data_lib
 
-_DEFAULT_SHARED = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
 _DIGITS_SOURCE_CLASSES = (0, 1, 2, 3, 4)
 _DIGITS_TARGET_CLASSES = (5, 6, 7, 8, 9)
 
 
-def shared_data_dir() -> pathlib.Path:
-  """$JAXTICKETS_SHARED_DATA, else ``../shared/data`` next to the repository (may be absent)."""
-  return pathlib.Path(os.environ.get("JAXTICKETS_SHARED_DATA", _DEFAULT_SHARED))
-
-
 def medmnist(name: str) -> str:
   """The dataset spec of a shared MedMNIST file, e.g. ``medmnist("breastmnist")``."""
-  return f"npz:{shared_data_dir() / 'medmnist' / name}.npz"
+  return f"npz:{data_lib.shared_data_dir() / 'medmnist' / name}.npz"
 
 
 def _source() -> ml_collections.ConfigDict:
   """CIFAR-10 from the shared JPEG npz when present, else the digits 0-4."""
-  cifar = shared_data_dir() / "cifar10" / "cifar10_jpeg.npz"
+  cifar = data_lib.shared_data_dir() / "cifar10" / "cifar10_jpeg.npz"
   if cifar.is_file():
     s = common.training(dataset=f"npz:{cifar}", batch_size=128, epochs=30, learning_rate=0.05,
                         schedule="cosine", augment="crop_flip")
@@ -139,7 +131,7 @@ def _digits() -> ml_collections.ConfigDict:
   c.epochs = 5
   c.eval_every_steps = 17
   c.image_size = 16  # BreastMNIST downsized too: a third of the compute of 28x28.
-  if not (shared_data_dir() / "medmnist" / "breastmnist.npz").is_file():
+  if not (data_lib.shared_data_dir() / "medmnist" / "breastmnist.npz").is_file():
     c.dataset = "digits"
     c.target_classes = _DIGITS_TARGET_CLASSES
   c.source = common.training(dataset="digits", image_size=16, batch_size=64, epochs=10,
