@@ -25,8 +25,16 @@ def parse_value(text: str) -> Any:
     return text
 
 
+# Config nodes whose keys are free-form keyword options of a registry call (checked there, with
+# a one-line error naming the known ones), so ``--set model_options.width=16`` may add a key.
+OPEN_NODES = ("model_options",)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-  """Applies ``key.sub=value`` strings to ``config`` in place; unknown keys are a UserError."""
+  """Applies ``key.sub=value`` strings to ``config`` in place.
+
+  Unknown keys are a UserError, except new keys inside an :data:`OPEN_NODES` node.
+  """
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:
@@ -37,7 +45,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
       if node is None:
         raise UserError(f"unknown config key {key!r}")
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    is_open = bool(parents) and parents[-1] in OPEN_NODES
+    if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not is_open):
       raise UserError(f"unknown config key {key!r}")
     node[leaf] = parse_value(value)
 

@@ -12,6 +12,9 @@ import numpy as np
 import optax
 import pytest
 
+from assertions import assert_one_line_user_error
+from experiments import cli
+from experiments.configs import dense as dense_configs
 from jaxtickets import checkpoint
 from jaxtickets import train as train_lib
 
@@ -103,6 +106,7 @@ def test_sigkill_then_rerun_resumes_to_identical_result(tmp_path):
     ("model='nope'", "unknown model"),
     ("dataset='npz:/does/not/exist.npz'", "exist.npz"),
     ("dataset='cifar10'", "not prepared"),
+    ("model_options.widht=3", "unknown option(s) widht"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, override, message):
   result = _run_cli("--config", "small", "--set", override, "--workdir", str(tmp_path / "w"),
@@ -125,3 +129,12 @@ def test_unknown_preset_and_key_are_user_errors(tmp_path):
   for args in (["--config", "nope"], ["--config", "small", "--set", "no_such_key=1"]):
     result = _run_cli(*args, "--workdir", str(tmp_path / "w"), check=False)
     assert result.returncode == 2 and result.stderr.startswith("error:")
+
+
+def test_overrides_may_add_model_options_but_no_other_keys():
+  config = dense_configs.get_config("small")
+  assert "depth" not in config.model_options
+  cli.apply_overrides(config, ["model_options.depth=2", "epochs=3"])
+  assert config.model_options.depth == 2 and config.epochs == 3
+  for override in ("no_such_key=1", "epochs.sub=1", "attack.eps=1"):
+    assert_one_line_user_error(lambda: cli.apply_overrides(config, [override]), "unknown config key")
