@@ -433,6 +433,14 @@ def _paired(first: dict[str, list], second: dict[str, list], value: str) -> list
           if round_index in by_round]
 
 
+def _comparison(pairs: list[tuple], wins_key: str, aws_wins: Callable[[float, float], bool],
+                ) -> dict[str, Any]:
+  """AWS vs LRR at each density of ``pairs`` ((density, aws, lrr)), and how often AWS wins."""
+  return {"density": [d for d, _, _ in pairs], "aws": [a for _, a, _ in pairs],
+          "lrr": [b for _, _, b in pairs], wins_key: sum(aws_wins(a, b) for _, a, b in pairs),
+          "ties": sum(a == b for _, a, b in pairs), "points": len(pairs)}
+
+
 def findings(results: dict[str, Any]) -> dict[str, Any]:
   """The paper's two claims, read off the results: lower init-norm barrier for AWS than LRR,
   and higher accuracy of AWS's sign transfer than LRR's at the same density."""
@@ -443,40 +451,37 @@ def findings(results: dict[str, Any]) -> dict[str, Any]:
       return {"round": [row["round"] for row in barriers[method]],
               "density": [row["density"] for row in barriers[method]],
               "barrier": [row["barrier"] for row in barriers[method]]}
-    pairs = _paired(rows("aws"), rows("lrr"), "barrier")
-    found["init_norm_barrier"] = {
-        "density": [d for d, _, _ in pairs], "aws": [a for _, a, _ in pairs],
-        "lrr": [b for _, _, b in pairs],
-        "aws_lower": sum(a < b for _, a, b in pairs), "ties": sum(a == b for _, a, b in pairs),
-        "points": len(pairs)}
+    found["init_norm_barrier"] = _comparison(_paired(rows("aws"), rows("lrr"), "barrier"),
+                                             "aws_lower", lambda a, b: a < b)
   transfer = results["transfer"]
   if "aws_sign" in transfer and "lrr_sign" in transfer:
-    pairs = _paired(transfer["aws_sign"], transfer["lrr_sign"], "mean_accuracy")
-    found["sign_transfer_accuracy"] = {
-        "density": [d for d, _, _ in pairs], "aws": [a for _, a, _ in pairs],
-        "lrr": [b for _, _, b in pairs],
-        "aws_higher": sum(a > b for _, a, b in pairs), "ties": sum(a == b for _, a, b in pairs),
-        "points": len(pairs)}
+    found["sign_transfer_accuracy"] = _comparison(
+        _paired(transfer["aws_sign"], transfer["lrr_sign"], "mean_accuracy"), "aws_higher",
+        lambda a, b: a > b)
   return found
+
+
+# Per finding: the line's opening, its ``_comparison`` wins key, and the wins' wording.
+_FINDING_TEXT = {
+    "init_norm_barrier": (
+        "Error barrier between each round's trained network and the same network with "
+        "initialized norm params, AWS vs LRR (density: AWS vs LRR)", "aws_lower", "AWS lower at"),
+    "sign_transfer_accuracy": (
+        "Test accuracy of sign transfer to a fresh init, AWS vs LRR ticket (density: AWS vs "
+        "LRR, mean over seeds)", "aws_higher", "AWS higher at"),
+}
 
 
 def findings_text(found: dict[str, Any]) -> str:
   lines = []
-  if "init_norm_barrier" in found:
-    f = found["init_norm_barrier"]
+  for name, (opening, wins_key, wins_words) in _FINDING_TEXT.items():
+    if name not in found:
+      continue
+    f = found[name]
     pairs = ", ".join(f"{d:.3g}: {a:.3f} vs {b:.3f}"
                       for d, a, b in zip(f["density"], f["aws"], f["lrr"]))
-    lines.append(f"- Error barrier between each round's trained network and the same network "
-                 f"with initialized norm params, AWS vs LRR (density: AWS vs LRR): {pairs}. "
-                 f"AWS lower at {f['aws_lower']} of {f['points']} densities "
+    lines.append(f"- {opening}: {pairs}. {wins_words} {f[wins_key]} of {f['points']} densities "
                  f"({f['ties']} ties).")
-  if "sign_transfer_accuracy" in found:
-    f = found["sign_transfer_accuracy"]
-    pairs = ", ".join(f"{d:.3g}: {a:.3f} vs {b:.3f}"
-                      for d, a, b in zip(f["density"], f["aws"], f["lrr"]))
-    lines.append(f"- Test accuracy of sign transfer to a fresh init, AWS vs LRR ticket "
-                 f"(density: AWS vs LRR, mean over seeds): {pairs}. AWS higher at "
-                 f"{f['aws_higher']} of {f['points']} densities ({f['ties']} ties).")
   return "\n".join(lines)
 
 
