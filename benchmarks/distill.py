@@ -32,7 +32,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -60,12 +60,12 @@ class Settings:
     inner_iterations: inner iterations per outer iteration.
     timed_inner_iterations: inner iterations per timed call (one scan), scaled up to
       ``inner_iterations``; fewer keep the benchmark short, the per-iteration cost is the same.
-    match_maps: ``make_distill_step``'s maps over (model, class) to time: "vmap" batches the
-      per-class weight gradients (grouped convolutions), "unroll" runs them one by one.
-    net_steps: net SGD steps per inner iteration.
-    num_models: M values timed for the outer iteration.
-    members: population sizes N of the evaluation.
-    eval_dtypes: compute dtypes of the evaluation nets (params stay float32).
+    outer: the outer-iteration variants to time, each ``M/map/dtype/net_steps``: M nets per
+      image update; ``make_distill_step``'s map over (model, class) ("vmap" batches the
+      per-class weight gradients into grouped convolutions, "unroll" runs them one by one); the
+      nets' compute dtype; net SGD steps per inner iteration (0 times the matching alone).
+    evaluation: the evaluation variants to time, each ``dtype/N``: the nets' compute dtype
+      (params stay float32) and the population size N.
     eval_steps: evaluation steps per timed call.
     num_examples: real images in device memory.
     timings: timed calls (median).
@@ -77,11 +77,9 @@ class Settings:
   width: int = 128
   inner_iterations: int = 100
   timed_inner_iterations: int = 20
-  match_maps: tuple[str, ...] = ("vmap", "unroll")
-  net_steps: int = 32
-  num_models: tuple[int, ...] = (1, 5)
-  members: tuple[int, ...] = (1, 8, 32)
-  eval_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+  outer: tuple[str, ...] = ("1/vmap/float32/32", "1/unroll/float32/32", "5/vmap/float32/32")
+  evaluation: tuple[str, ...] = tuple(f"{dtype}/{n}" for dtype in ("float32", "bfloat16")
+                                     for n in (1, 8, 32))
   eval_steps: int = 50
   num_examples: int = 10_000
   timings: int = 3
@@ -92,17 +90,34 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(image_size=16, width=8, inner_iterations=2, timed_inner_iterations=2,
-                 match_maps=("unroll",), net_steps=1, num_models=(1,),
-                 members=(1, 2), eval_dtypes=("float32",), eval_steps=2, num_examples=512,
+                 outer=("1/unroll/float32/1",),
+                 evaluation=("float32/1", "float32/2"), eval_steps=2, num_examples=512,
                  timings=2, torch_steps=3, torch_nets=2)
 
 
-def time_outer_iteration(settings: Settings, num_models: int, match_map: str) -> dict[str, Any]:
+class OuterVariant(NamedTuple):
+  """One timed outer-iteration setting (``M/map/dtype/net_steps``; see ``Settings.outer``)."""
+  num_models: int
+  match_map: str
+  dtype: str
+  net_steps: int
+
+  @classmethod
+  def parse(cls, text: str) -> OuterVariant:
+    parts = text.split("/")
+    if len(parts) != 4 or not parts[0].isdigit() or not parts[3].isdigit():
+      raise UserError(f"outer variant {text!r}: expected M/map/dtype/net_steps, "
+                      "e.g. 1/unroll/bfloat16/32")
+    return cls(int(parts[0]), parts[1], parts[2], int(parts[3]))
+
+
+def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str, Any]:
   """Seconds of one Acc-DD outer iteration (inner iterations as one compiled scan)."""
   image_shape = (settings.image_size, settings.image_size, 3)
-  model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width)
+  model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width,
+                    dtype=variant.dtype)
   method = methods.get_method("acc_dd", IPC, inner_iterations=settings.inner_iterations,
-                              net_steps=settings.net_steps)
+                              net_steps=variant.net_steps)
   net_optimizer = train_lib.sgd(0.01)
   real = common.synthetic_split(settings.num_examples, image_shape, NUM_CLASSES)
   pool = augment_models.init_nets(jax.random.key(1), model, image_shape, 5, net_optimizer)
@@ -110,12 +125,12 @@ def time_outer_iteration(settings: Settings, num_models: int, match_map: str) ->
                               {"params": pool.params, "batch_stats": pool.batch_stats})
   step = methods.make_distill_step(
       method, model, mean=MEAN, std=STD, num_classes=NUM_CLASSES, image_shape=image_shape,
-      images_per_class=IPC, num_models=num_models,
+      images_per_class=IPC, num_models=variant.num_models,
       real_batch=methods.real_batch_size(method, real.labels, NUM_CLASSES),
-      net_optimizer=net_optimizer, match_map=match_map)
+      net_optimizer=net_optimizer, match_map=variant.match_map)
   images = synthetic.init_images(0, real.images, real.labels, NUM_CLASSES, IPC,
                                  factor=method.factor, init=method.init)
-  nets = augment_models.init_nets(jax.random.key(2), model, image_shape, num_models,
+  nets = augment_models.init_nets(jax.random.key(2), model, image_shape, variant.num_models,
                                   net_optimizer)
   holder = {"state": methods.init_state(jax.random.key(3), images,
                                         methods.image_optimizer(method, IPC, STD), nets)}
@@ -128,10 +143,9 @@ def time_outer_iteration(settings: Settings, num_models: int, match_map: str) ->
 
   first, seconds = common.first_and_median_seconds(call, settings.timings)
   seconds *= settings.inner_iterations / settings.timed_inner_iterations
-  return {"num_models": num_models, "match_map": match_map, "outer_iteration_s": seconds,
-          "first_call_s": first,
-          "projected_s": seconds * settings.projected_outer / num_models,
-          "projected_outer_iterations": settings.projected_outer / num_models}
+  return {**variant._asdict(), "outer_iteration_s": seconds, "first_call_s": first,
+          "projected_s": seconds * settings.projected_outer / variant.num_models,
+          "projected_outer_iterations": settings.projected_outer / variant.num_models}
 
 
 def time_evaluation(settings: Settings, num_nets: int, dtype: str) -> dict[str, Any]:
@@ -249,6 +263,13 @@ def time_torch_evaluation(settings: Settings) -> float:
 PARTS = ("outer", "evaluation")
 
 
+def _evaluation_variant(text: str) -> tuple[str, int]:
+  dtype, _, num_nets = text.partition("/")
+  if not num_nets.isdigit() or int(num_nets) < 1:
+    raise UserError(f"evaluation variant {text!r}: expected dtype/N, e.g. bfloat16/32")
+  return dtype, int(num_nets)
+
+
 def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any]], None],
                   parts: Sequence[str] = PARTS) -> dict[str, Any]:
   """Times ``parts`` (see module docstring; "evaluation" includes the PyTorch baseline), prints
@@ -261,23 +282,24 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
                             "jax_version": jax.__version__, "quick": quick,
                             "settings": dataclasses.asdict(settings), "outer_iteration": [],
                             "evaluation": [], "torch": None}
-  print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations, "
-        f"{settings.net_steps} net steps each):")
-  print(f"{'M':>3}  {'map':<8}{'s/outer':>10}{'first call s':>14}{'projected':>22}")
-  outers = [(num_models, match_map) for num_models in settings.num_models
-            for match_map in settings.match_maps] if "outer" in parts else []
-  for num_models, match_map in outers:
-    result = time_outer_iteration(settings, num_models, match_map)
+  print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations; net_steps 0 "
+        "times the matching alone):")
+  print(f"{'M':>3}  {'map':<8}{'dtype':<10}{'net steps':>10}{'s/outer':>10}{'first call s':>14}"
+        f"{'projected':>22}")
+  variants = [OuterVariant.parse(text) for text in settings.outer] if "outer" in parts else []
+  for variant in variants:
+    result = time_outer_iteration(settings, variant)
     report["outer_iteration"].append(result)
-    print(f"{num_models:>3}  {match_map:<8}{result['outer_iteration_s']:>10.3f}"
+    print(f"{variant.num_models:>3}  {variant.match_map:<8}{variant.dtype:<10}"
+          f"{variant.net_steps:>10}{result['outer_iteration_s']:>10.3f}"
           f"{result['first_call_s']:>14.1f}"
           f"{result['projected_s'] / 60:>12.1f} min for {result['projected_outer_iterations']:.0f}"
           f" outer", flush=True)
     save(report)
   print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
   print(f"{'dtype':<9}{'N':>3}  {'strategy':<9}{'images/s':>12}{'ms/step':>10}")
-  evaluations = [(dtype, num_nets) for dtype in settings.eval_dtypes
-                 for num_nets in settings.members] if "evaluation" in parts else []
+  evaluations = [_evaluation_variant(text) for text in settings.evaluation] \
+      if "evaluation" in parts else []
   for dtype, num_nets in evaluations:
     result = time_evaluation(settings, num_nets, dtype)
     report["evaluation"].append(result)
@@ -286,7 +308,7 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
     save(report)
   if "evaluation" in parts and common.torch_cuda_available():
     torch_speed = time_torch_evaluation(settings)
-    largest = max(settings.members)
+    largest = max(num_nets for _, num_nets in evaluations)
     speedups = {result["dtype"]: result["images_per_s"] / torch_speed
                 for result in report["evaluation"] if result["num_nets"] == largest}
     report["torch"] = {"images_per_s": torch_speed, "nets": settings.torch_nets,
@@ -303,14 +325,23 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = common.parse_args(__doc__, "benchmarks/out/distill.json", argv, lambda parser: (
-      parser.add_argument("--parts", default=",".join(PARTS),
-                          help=f"comma-separated subset of: {', '.join(PARTS)}")))
+  def extra(parser):
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated subset of: {', '.join(PARTS)}")
+    parser.add_argument("--outer", help="comma-separated M/map/dtype/net_steps variants "
+                        "(default: the settings')")
+    parser.add_argument("--evaluation", help="comma-separated dtype/N variants")
+
+  args = common.parse_args(__doc__, "benchmarks/out/distill.json", argv, extra)
   parts = [part for part in args.parts.split(",") if part]
+  settings = QUICK if args.quick else FULL
+  for field in ("outer", "evaluation"):
+    if getattr(args, field):
+      settings = dataclasses.replace(settings, **{field: tuple(getattr(args, field).split(","))})
   with exit_on_user_error():
     if not parts or set(parts) - set(PARTS):
       raise UserError(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
-    run_benchmark(QUICK if args.quick else FULL, args.quick, common.json_writer(args.out), parts)
+    run_benchmark(settings, args.quick, common.json_writer(args.out), parts)
   print(f"\nwrote {args.out}")
   return 0
 
