@@ -12,8 +12,9 @@ dataset needs to be prepared:
    with DSA + CutMix; 20 inner iterations are timed as one ``lax.scan`` and scaled to 100. The
    net comes from a pool (randomly initialized here; pretraining does not change the cost) and
    is perturbed. Printed: seconds per outer iteration and the projected time of the paper's 500
-   (target on an H100: < 10 min), for M = 1 net per update (the reference) and M = 5, with the
-   (model, class) matching map vmapped or unrolled.
+   (target on an H100: < 10 min), for the variants of ``Settings.outer`` / ``--outer`` (M nets
+   per update, how the nets and classes are mapped, compute dtype, net steps; by default M = 1
+   as the reference in float32 and bfloat16, and M = 5 in bfloat16).
 2. **Evaluation throughput**: N = 1, 8, 32 ConvNet-3s (float32, and bfloat16 compute with
    float32 params) trained as one population on a decoded IPC-10 set (400 images), batch 64,
    per-sample DSA + CutMix, SGD; images/s over all nets.
@@ -60,10 +61,11 @@ class Settings:
     inner_iterations: inner iterations per outer iteration.
     timed_inner_iterations: inner iterations per timed call (one scan), scaled up to
       ``inner_iterations``; fewer keep the benchmark short, the per-iteration cost is the same.
-    outer: the outer-iteration variants to time, each ``M/map/dtype/net_steps``: M nets per
-      image update; ``make_distill_step``'s map over (model, class) ("vmap" batches the
-      per-class weight gradients into grouped convolutions, "unroll" runs them one by one); the
-      nets' compute dtype; net SGD steps per inner iteration (0 times the matching alone).
+    outer: the outer-iteration variants to time, each ``M/model_map/class_map/dtype/net_steps``:
+      M nets per image update; ``make_distill_step``'s maps over the nets and over the classes
+      ("vmap" batches the per-class weight gradients into grouped convolutions, "unroll" runs
+      them one by one, "map" loops); the nets' compute dtype; net SGD steps per inner iteration
+      (0 times the matching alone).
     evaluation: the evaluation variants to time, each ``dtype/N``: the nets' compute dtype
       (params stay float32) and the population size N.
     eval_steps: evaluation steps per timed call.
@@ -77,7 +79,8 @@ class Settings:
   width: int = 128
   inner_iterations: int = 100
   timed_inner_iterations: int = 20
-  outer: tuple[str, ...] = ("1/vmap/float32/32", "1/unroll/float32/32", "5/vmap/float32/32")
+  outer: tuple[str, ...] = ("1/vmap/unroll/float32/32", "1/vmap/unroll/bfloat16/32",
+                            "5/vmap/unroll/bfloat16/32")
   evaluation: tuple[str, ...] = tuple(f"{dtype}/{n}" for dtype in ("float32", "bfloat16")
                                      for n in (1, 8, 32))
   eval_steps: int = 50
@@ -90,25 +93,27 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(image_size=16, width=8, inner_iterations=2, timed_inner_iterations=2,
-                 outer=("1/unroll/float32/1",),
+                 outer=("1/unroll/unroll/float32/1",),
                  evaluation=("float32/1", "float32/2"), eval_steps=2, num_examples=512,
                  timings=2, torch_steps=3, torch_nets=2)
 
 
 class OuterVariant(NamedTuple):
-  """One timed outer-iteration setting (``M/map/dtype/net_steps``; see ``Settings.outer``)."""
+  """One timed outer-iteration setting (``M/model_map/class_map/dtype/net_steps``; see
+  ``Settings.outer``)."""
   num_models: int
-  match_map: str
+  model_map: str
+  class_map: str
   dtype: str
   net_steps: int
 
   @classmethod
   def parse(cls, text: str) -> OuterVariant:
     parts = text.split("/")
-    if len(parts) != 4 or not parts[0].isdigit() or not parts[3].isdigit():
-      raise UserError(f"outer variant {text!r}: expected M/map/dtype/net_steps, "
-                      "e.g. 1/unroll/bfloat16/32")
-    return cls(int(parts[0]), parts[1], parts[2], int(parts[3]))
+    if len(parts) != 5 or not parts[0].isdigit() or not parts[4].isdigit():
+      raise UserError(f"outer variant {text!r}: expected M/model_map/class_map/dtype/net_steps, "
+                      "e.g. 1/vmap/unroll/bfloat16/32")
+    return cls(int(parts[0]), parts[1], parts[2], parts[3], int(parts[4]))
 
 
 def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str, Any]:
@@ -127,7 +132,7 @@ def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str,
       method, model, mean=MEAN, std=STD, num_classes=NUM_CLASSES, image_shape=image_shape,
       images_per_class=IPC, num_models=variant.num_models,
       real_batch=methods.real_batch_size(method, real.labels, NUM_CLASSES),
-      net_optimizer=net_optimizer, match_map=variant.match_map)
+      net_optimizer=net_optimizer, model_map=variant.model_map, class_map=variant.class_map)
   images = synthetic.init_images(0, real.images, real.labels, NUM_CLASSES, IPC,
                                  factor=method.factor, init=method.init)
   nets = augment_models.init_nets(jax.random.key(2), model, image_shape, variant.num_models,
@@ -284,13 +289,14 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
                             "evaluation": [], "torch": None}
   print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations; net_steps 0 "
         "times the matching alone):")
-  print(f"{'M':>3}  {'map':<8}{'dtype':<10}{'net steps':>10}{'s/outer':>10}{'first call s':>14}"
+  print(f"{'M':>3}  {'maps':<14}{'dtype':<10}{'net steps':>10}{'s/outer':>10}{'first call s':>14}"
         f"{'projected':>22}")
   variants = [OuterVariant.parse(text) for text in settings.outer] if "outer" in parts else []
   for variant in variants:
     result = time_outer_iteration(settings, variant)
     report["outer_iteration"].append(result)
-    print(f"{variant.num_models:>3}  {variant.match_map:<8}{variant.dtype:<10}"
+    maps = f"{variant.model_map}/{variant.class_map}"
+    print(f"{variant.num_models:>3}  {maps:<14}{variant.dtype:<10}"
           f"{variant.net_steps:>10}{result['outer_iteration_s']:>10.3f}"
           f"{result['first_call_s']:>14.1f}"
           f"{result['projected_s'] / 60:>12.1f} min for {result['projected_outer_iterations']:.0f}"
@@ -328,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   def extra(parser):
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated subset of: {', '.join(PARTS)}")
-    parser.add_argument("--outer", help="comma-separated M/map/dtype/net_steps variants "
+    parser.add_argument("--outer", help="comma-separated M/model_map/class_map/dtype/net_steps "
+                        "variants "
                         "(default: the settings')")
     parser.add_argument("--evaluation", help="comma-separated dtype/N variants")
 

@@ -152,7 +152,7 @@ def distill(config: ml_collections.ConfigDict, method: methods.Method, model: An
       num_models=config.num_models, real_batch=real_batch, net_optimizer=net_optimizer,
       magnitude=config.perturb_magnitude,
       population_options=population_options(config, population.select(nets.params, 0)),
-      match_map=config.match_map)
+      model_map=config.model_map, class_map=config.class_map)
   initial = synthetic.init_images(config.seed, dataset.train.images, dataset.train.labels,
                                   num_classes, config.ipc, factor=method.factor,
                                   init=method.init)

@@ -201,7 +201,7 @@ def test_vmapped_matching_equals_the_sum_of_single_model_losses(digits):
                 for c in range(num_classes)] for m in range(num_models)]
     np.testing.assert_allclose(losses, singles, rtol=2e-4, err_msg=name)
     loss = matching.matching_loss(objective, nets.params, {}, real_x, real_y, syn_x, syn_y,
-                                  strategy="unroll")
+                                  model_map="unroll", class_map="vmap")
     np.testing.assert_allclose(loss, np.sum(singles) / num_models, rtol=2e-4, err_msg=name)
     assert np.min(singles) > 0
   # The gradient reaches the synthetic images of each class from its own loss only.

@@ -66,7 +66,10 @@ def _base() -> ml_collections.ConfigDict:
   c.pool_size = 5  # Acc-DD's early-stage nets.
   c.perturb_magnitude = (0.01, 0.09)
   c.checkpoint_every = 10  # Outer iterations between checkpoints of the synthetic set.
-  c.match_map = None  # "vmap" or "unroll"; None: unroll on CPU, vmap elsewhere.
+  # How the matching runs the nets and the classes ("vmap", "map", "unroll"; see
+  # jaxtickets.distill.matching.matching_losses); model_map None: unroll on CPU, vmap elsewhere.
+  c.model_map = None
+  c.class_map = "unroll"
   c.strategy = None  # Population strategy of the nets; None: the measured default.
   c.chunk_size = None
 
@@ -129,7 +132,7 @@ def _small() -> ml_collections.ConfigDict:
   c.pool_size = 2
   c.epochs = 1
   c.checkpoint_every = 1
-  c.match_map = "vmap"  # A few steps only: the smaller compile wins.
+  c.class_map = "vmap"  # A few steps only: the smaller compile wins.
   c.eval.num_nets = 2
   c.eval.epochs = 3
   c.eval.checkpoint_every = 1

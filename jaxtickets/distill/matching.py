@@ -17,7 +17,8 @@
 A class objective is ``(params, batch_stats, real_x, real_y, syn_x, syn_y) -> f32[]``; the real
 gradient (or embedding) is a constant, the synthetic one is differentiated through (second
 order for gradient matching). :func:`matching_losses` evaluates it for M models x K classes in one
-vmapped program; :func:`matching_loss` averages over the models and sums over the classes. The
+program (models vmapped, classes unrolled); :func:`matching_loss` averages over the models and
+sums over the classes. The
 reference updates the synthetic set with ONE model per outer iteration; averaging over M models
 makes each update see M models at once, so M models per outer iteration and 1/M as many outer
 iterations keep the number of model-steps (models x inner iterations) the same.
@@ -176,11 +177,7 @@ MAP_STRATEGIES = ("vmap", "unroll", "map")
 
 def _map_over(fn: Callable[..., jax.Array], in_axes: tuple[int | None, ...], size: int,
               strategy: str) -> Callable[..., jax.Array]:
-  """``fn`` over a leading axis of ``size``: one vmapped program, or unrolled calls stacked.
-
-  Unrolling exists for XLA:CPU, where vmapping a weight gradient over inputs turns its
-  convolutions into slow batch-grouped ones (measured 3x slower than unrolled on 2 cores).
-  """
+  """``fn`` over a leading axis of ``size``: vmapped, ``lax.map``-ped, or unrolled and stacked."""
   if strategy == "vmap":
     return jax.vmap(fn, in_axes=in_axes)
   if strategy == "map":
@@ -207,8 +204,15 @@ def _map_over(fn: Callable[..., jax.Array], in_axes: tuple[int | None, ...], siz
 
 def matching_losses(objective: ClassObjective, params: PyTree, batch_stats: PyTree,
                     real_x: jax.Array, real_y: jax.Array, syn_x: jax.Array,
-                    syn_y: jax.Array, *, strategy: str = "vmap") -> jax.Array:
+                    syn_y: jax.Array, *, model_map: str = "vmap",
+                    class_map: str = "unroll") -> jax.Array:
   """The class objective of every (model, class) pair.
+
+  The classes share their model's weights, so vmapping over them batches each class's weight
+  gradient into one batch-grouped convolution, which XLA runs far slower than separate ones
+  (H100, an Acc-DD matching step of ConvNet-3 over 10 classes: 8.4x slower; XLA:CPU: 3x): the
+  classes are unrolled by default. The models are a population of different weights; vmapping
+  them gives grouped convolutions like any population of small nets.
 
   Args:
     objective: a class objective (:func:`gradient_match`, :func:`distribution_match`).
@@ -218,23 +222,24 @@ def matching_losses(objective: ClassObjective, params: PyTree, batch_stats: PyTr
     real_y: i32[K, Br] their labels.
     syn_x: f32[M, K, Bs, H, W, C] synthetic images (augmented with the real batch's draw).
     syn_y: i32[K, Bs] their labels.
-    strategy: "vmap" (one program over models x classes) or "unroll" (the same values, one
-      model and class at a time; faster on CPU).
+    model_map: how the M models run (:data:`MAP_STRATEGIES`: "vmap", "map" one after another
+      in a loop, "unroll").
+    class_map: how the K classes run (same choices); every choice gives the same values.
 
   Returns:
     f32[M, K].
   """
   num_models, num_classes = real_x.shape[:2]
-  per_class = _map_over(objective, (None, None, 0, 0, 0, 0), num_classes, strategy)
+  per_class = _map_over(objective, (None, None, 0, 0, 0, 0), num_classes, class_map)
   per_model = _map_over(per_class, (0, 0 if batch_stats else None, 0, None, 0, None),
-                        num_models, strategy)
+                        num_models, model_map)
   return per_model(params, batch_stats, real_x, real_y, syn_x, syn_y)
 
 
 def matching_loss(objective: ClassObjective, params: PyTree, batch_stats: PyTree,
                   real_x: jax.Array, real_y: jax.Array, syn_x: jax.Array,
-                  syn_y: jax.Array, *, strategy: str = "vmap") -> jax.Array:
-  """f32[]: :func:`matching_losses` summed over classes and averaged over the M models."""
-  losses = matching_losses(objective, params, batch_stats, real_x, real_y, syn_x, syn_y,
-                           strategy=strategy)
+                  syn_y: jax.Array, **maps: str) -> jax.Array:
+  """f32[]: :func:`matching_losses` (``maps``: its ``model_map``/``class_map``) summed over
+  classes and averaged over the M models."""
+  losses = matching_losses(objective, params, batch_stats, real_x, real_y, syn_x, syn_y, **maps)
   return jnp.mean(jnp.sum(losses, axis=1))

@@ -11,7 +11,7 @@ iterations, progress bar). Per inner iteration:
    stored images are clipped to [0, 1].
 2. Matching: for every (net, class) a real batch of the class (drawn without replacement) and the
    class's decoded synthetic images (at most ``synthetic_max``) get ONE DSA draw (Siamese), and
-   the class objective is evaluated for all M x K pairs in one vmapped program; the loss averaged
+   the class objective is evaluated for all M x K pairs in one program; the loss averaged
    over the M nets and summed over the classes takes one SGD-with-momentum step on the stored
    images. The reference steps class by class, but a class's loss touches only that class's
    images, so the summed step differs from it only in how the shared momentum buffer decays
@@ -307,7 +307,8 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
                       net_optimizer: optax.GradientTransformation,
                       magnitude: Sequence[float] = augment_models.DEFAULT_MAGNITUDE,
                       population_options: dict[str, Any] | None = None,
-                      unroll: bool | None = None, match_map: str | None = None):
+                      unroll: bool | None = None, model_map: str | None = None,
+                      class_map: str = "unroll"):
   """One inner iteration of ``method`` (see module docstring) as a pure step for ``loop.fit``.
 
   Args:
@@ -325,8 +326,9 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
     population_options: ``population.run`` options of the nets' training (default vmap).
     unroll: unroll the nets' training steps (default: on CPU, where convolutions in loops are
       slow).
-    match_map: ``matching.matching_losses``'s map over (model, class): "vmap" (default
-      off CPU) or "unroll" (default on CPU).
+    model_map: how ``matching.matching_losses`` runs the M nets: "vmap" (default off CPU),
+      "map" or "unroll" (default on CPU).
+    class_map: how it runs the K classes (default "unroll"; see ``matching.matching_losses``).
 
   Returns:
     ``step(state: DistillState, data: DistillData) -> (state, {"loss", ["net_accuracy"]})``.
@@ -347,7 +349,7 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
                               optimizer=net_optimizer)
   on_cpu = jax.default_backend() == "cpu"
   unroll = on_cpu if unroll is None else unroll
-  match_map = match_map or ("unroll" if on_cpu else "vmap")
+  model_map = model_map or ("unroll" if on_cpu else "vmap")
   net_step = _net_training(method, apply_fn, net_optimizer, mean, std, images_per_class,
                            num_classes, population_options or {}, unroll)
 
@@ -382,7 +384,8 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
     real_x = jax.vmap(jax.vmap(augment))(draws, data_lib.to_unit(real))
     syn_x = jax.vmap(jax.vmap(augment), in_axes=(0, None))(draws, syn)
     return matching.matching_loss(objective, nets.params, nets.batch_stats, real_x, real_labels,
-                                  syn_x, synthetic_labels, strategy=match_map)
+                                  syn_x, synthetic_labels, model_map=model_map,
+                                  class_map=class_map)
 
   def step(state: DistillState, data: DistillData):
     outer = state.step // method.inner_iterations
