@@ -2,8 +2,8 @@
 
     python -m benchmarks.distill [--quick] [--out benchmarks/out/distill.json]
 
-Everything runs on synthetic data (uniform random uint8 images held in device memory), so no
-dataset needs to be prepared:
+The default parts (``--parts outer,evaluation``) run on synthetic data (uniform random uint8
+images held in device memory), so no dataset needs to be prepared:
 
 1. **Outer iteration**: one Acc-DD outer iteration on a CIFAR-10-shaped problem (10 classes,
    32x32x3, IPC 10, factor 2, ConvNet-3 width 128): 100 inner iterations, each a matching step
@@ -22,9 +22,12 @@ dataset needs to be prepared:
    PyTorch eager loop (the same ConvNet-3, per-sample DSA color/crop/flip/scale/rotate via
    ``affine_grid``, CutMix p 0.5, SGD 0.01 / 0.9 / 5e-4), and the speed-up of 32 nets as one
    population over it (target >= 10x).
+4. ``--parts precision`` (real data, ``--dataset``, default the shared CIFAR-10 npz): the
+   evaluation protocol's final test accuracy in float32 and in bfloat16 on IPC-10 random real
+   images and on IDC's decoded ``mix`` start, so the bfloat16 speed is not bought with accuracy.
 
 ``--quick`` shrinks everything (16x16 images, width 8, 2 inner iterations, 1 net step, N = 1
-and 2) to run on a 2-core CPU in under 2 minutes; its numbers only show that the benchmark runs.
+and 2; precision on digits for 2 epochs) to run on a 2-core CPU in under 2 minutes; its numbers only show that the benchmark runs.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ class Settings:
     torch_steps: steps per net in the PyTorch loop.
     torch_nets: nets trained one after another in the PyTorch loop.
     projected_outer: outer iterations of the projection (the paper's 500).
+    precision_dataset: the real dataset of the ``precision`` part (``data.load_dataset`` name).
+    precision_dtypes: its compute dtypes.
+    precision_epochs: its evaluation epochs (the protocol's 1000).
   """
   image_size: int = 32
   width: int = 128
@@ -89,13 +95,17 @@ class Settings:
   torch_steps: int = 50
   torch_nets: int = 8
   projected_outer: int = 500
+  precision_dataset: str = f"npz:{data_lib.shared_data_dir() / 'cifar10' / 'cifar10_jpeg.npz'}"
+  precision_dtypes: tuple[str, ...] = ("float32", "bfloat16")
+  precision_epochs: int = 1000
 
 
 FULL = Settings()
 QUICK = Settings(image_size=16, width=8, inner_iterations=2, timed_inner_iterations=2,
                  outer=("1/unroll/unroll/float32/1",),
                  evaluation=("float32/1", "float32/2"), eval_steps=2, num_examples=512,
-                 timings=2, torch_steps=3, torch_nets=2)
+                 timings=2, torch_steps=3, torch_nets=2, precision_dataset="digits",
+                 precision_dtypes=("float32",), precision_epochs=2)
 
 
 class OuterVariant(NamedTuple):
@@ -265,7 +275,38 @@ def time_torch_evaluation(settings: Settings) -> float:
   return settings.torch_nets * settings.torch_steps * batch / (time.perf_counter() - start)
 
 
-PARTS = ("outer", "evaluation")
+def evaluation_accuracy(dataset_name: str, dtypes: Sequence[str], epochs: int,
+                        num_nets: int = 5) -> list[dict[str, Any]]:
+  """Final test accuracy of the evaluation protocol in each compute dtype, on real data.
+
+  Two training sets of a real dataset (e.g. ``npz:.../cifar10_jpeg.npz``): IPC random real images
+  per class, and IDC's ``mix`` start (IPC stored images per class, each 2x2 real images, decoded
+  to 4 x IPC) — the second is the size the speed numbers time. Same keys in every dtype, so the
+  rows differ only by precision.
+  """
+  dataset = data_lib.load_dataset(dataset_name)
+  train, num_classes = dataset.train, dataset.num_classes
+  test = train_lib.device_data(dataset.test)
+  sets = {
+      "random real": synthetic.random_real_split(0, train.images, train.labels, num_classes,
+                                                 IPC),
+      "mix start (decoded)": synthetic.decoded_split(synthetic.init_images(
+          0, train.images, train.labels, num_classes, IPC, factor=2, init="mix"), 2)}
+  protocol = evaluate.Protocol(num_nets=num_nets, epochs=epochs)
+  rows = []
+  for dtype in dtypes:
+    model = get_model("convnet3", num_classes=num_classes, dtype=dtype)
+    for name, split in sets.items():
+      result = evaluate.evaluate_split(jax.random.key(0), model, split, test, protocol,
+                                       mean=dataset.mean, std=dataset.std, progress=False)
+      rows.append({"dtype": dtype, "set": name, "images": len(split.labels), **result})
+      print(f"{dtype:<10}{name:<22}{len(split.labels):>7}{100 * result['mean']:>9.2f} +- "
+            f"{100 * result['std']:.2f}{result['seconds']:>9.1f}", flush=True)
+  return rows
+
+
+PARTS = ("outer", "evaluation", "precision")
+DEFAULT_PARTS = ("outer", "evaluation")
 
 
 def _evaluation_variant(text: str) -> tuple[str, int]:
@@ -276,7 +317,7 @@ def _evaluation_variant(text: str) -> tuple[str, int]:
 
 
 def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any]], None],
-                  parts: Sequence[str] = PARTS) -> dict[str, Any]:
+                  parts: Sequence[str] = DEFAULT_PARTS) -> dict[str, Any]:
   """Times ``parts`` (see module docstring; "evaluation" includes the PyTorch baseline), prints
   the tables, and saves the report after each measurement."""
   device = jax.devices()[0]
@@ -312,6 +353,13 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
     print(f"{dtype:<9}{num_nets:>3}  {result['strategy']:<9}{result['images_per_s']:>12,.0f}"
           f"{result['step_ms']:>10.2f}", flush=True)
     save(report)
+  if "precision" in parts:
+    print(f"\nEvaluation accuracy by compute dtype ({settings.precision_dataset}, "
+          f"{settings.precision_epochs} epochs, 5 nets; final test accuracy %):")
+    print(f"{'dtype':<10}{'set':<22}{'images':>7}{'accuracy':>17}{'seconds':>9}")
+    report["precision"] = evaluation_accuracy(settings.precision_dataset, settings.precision_dtypes,
+                                              settings.precision_epochs)
+    save(report)
   if "evaluation" in parts and common.torch_cuda_available():
     torch_speed = time_torch_evaluation(settings)
     largest = max(num_nets for _, num_nets in evaluations)
@@ -332,8 +380,10 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
 
 def main(argv: Sequence[str] | None = None) -> int:
   def extra(parser):
-    parser.add_argument("--parts", default=",".join(PARTS),
-                        help=f"comma-separated subset of: {', '.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated subset of: {', '.join(PARTS)} (precision needs "
+                        "--dataset, default the shared CIFAR-10 npz)")
+    parser.add_argument("--dataset", help="the precision part's dataset")
     parser.add_argument("--outer", help="comma-separated M/model_map/class_map/dtype/net_steps "
                         "variants "
                         "(default: the settings')")
@@ -345,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   for field in ("outer", "evaluation"):
     if getattr(args, field):
       settings = dataclasses.replace(settings, **{field: tuple(getattr(args, field).split(","))})
+  if args.dataset:
+    settings = dataclasses.replace(settings, precision_dataset=args.dataset)
   with exit_on_user_error():
     if not parts or set(parts) - set(PARTS):
       raise UserError(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
