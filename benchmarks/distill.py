@@ -150,7 +150,7 @@ def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str,
   holder = {"state": methods.init_state(jax.random.key(3), images,
                                         methods.image_optimizer(method, IPC, STD), nets)}
   outer = jax.jit(train_lib.repeat(step, settings.timed_inner_iterations,
-                                   unroll=jax.default_backend() == "cpu"))
+                                   unroll=train_lib.loops_are_slow()))
 
   def call():
     holder["state"], metrics = outer(holder["state"], data)
@@ -178,7 +178,7 @@ def time_evaluation(settings: Settings, num_nets: int, dtype: str) -> dict[str, 
   num_params = sum(leaf.size for leaf in jax.tree.leaves(nets.params)) // num_nets
   options = population.default_strategy("convnet3", num_params)
   run = jax.jit(train_lib.repeat(population.run(step, **options), settings.eval_steps,
-                                 unroll=jax.default_backend() == "cpu"))
+                                 unroll=train_lib.loops_are_slow()))
   data = train_lib.device_data(split)
   holder = {"nets": nets}
 

@@ -37,7 +37,7 @@ from jaxtickets import checkpoint, loop, population
 from jaxtickets import data as data_lib
 from jaxtickets import report as report_lib
 from jaxtickets import train as train_lib
-from jaxtickets.distill import augment_models, dsa, evaluate, methods, synthetic
+from jaxtickets.distill import augment_models, dsa, evaluate, matching, methods, synthetic
 from jaxtickets.errors import UserError
 
 PyTree = Any
@@ -82,6 +82,9 @@ def check_config(config: ml_collections.ConfigDict) -> methods.Method:
   if not 0 < config.train_fraction <= 1:
     raise UserError(f"train_fraction={config.train_fraction!r}; expected a value in (0, 1]")
   outer_iterations(config, method)
+  for field in ("model_map", "class_map"):
+    if config[field] is not None:
+      matching.check_map(field, config[field])
   augment_models.check_magnitude(config.perturb_magnitude)
   protocol_of(config)
   return method

@@ -67,6 +67,39 @@ def test_crop_and_flip_are_exact_pixel_moves(digits):
       np.testing.assert_allclose(out[index], expected, atol=1e-5)
 
 
+def test_cutmix_pastes_one_box_from_a_permuted_batch():
+  count, size = 8, 16
+  x = jnp.broadcast_to(jnp.arange(count, dtype=jnp.float32)[:, None, None, None],
+                       (count, size, size, 1))  # every pixel names its image
+  labels = jnp.arange(count)
+  mix = jax.jit(jax.vmap(lambda key: dsa.cutmix(key, x, labels, probability=1.0)))
+  mixed, other, weight = mix(jax.random.split(KEY, 64))
+  for m, o, w in zip(np.asarray(mixed), np.asarray(other), np.asarray(weight)):
+    assert sorted(o) == list(range(count))  # a permutation
+    pasted = m != np.asarray(x)  # pixels taken from another image
+    moved = o != np.arange(count)
+    box = pasted[moved][0] if moved.any() else np.zeros((size, size, 1), bool)
+    assert np.all(pasted[moved] == box)  # one box for the whole batch
+    np.testing.assert_array_equal(m, np.where(box, o[:, None, None, None], np.asarray(x)))
+    if moved.any():
+      np.testing.assert_allclose(w, 1 - box.mean(), atol=1e-6)
+  unmixed, _, one = dsa.cutmix(KEY, x, labels, probability=0.0)
+  np.testing.assert_array_equal(unmixed, x)
+  assert float(one) == 1.0
+
+
+def test_cutmix_beta_one_shortcut_draws_like_the_beta_sampler():
+  # beta == 1 draws lam uniformly (no rejection loop); a hair above 1 uses jax's Beta sampler.
+  x, labels = jnp.zeros((4, 32, 32, 1)), jnp.arange(4)
+  keys = jax.random.split(KEY, 4000)
+  weights = {beta: np.asarray(jax.jit(jax.vmap(lambda key, b=beta: dsa.cutmix(
+      key, x, labels, probability=1.0, beta=b)[2]))(keys)) for beta in (1.0, 1.0 + 1e-6)}
+  fast, reference = weights[1.0], weights[1.0 + 1e-6]
+  assert abs(fast.mean() - reference.mean()) < 0.02 and abs(fast.std() - reference.std()) < 0.02
+  np.testing.assert_allclose(np.quantile(fast, [0.1, 0.5, 0.9]),
+                             np.quantile(reference, [0.1, 0.5, 0.9]), atol=0.03)
+
+
 # ----------------------------------------------------------------------------------------------
 # Distances
 
@@ -247,7 +280,8 @@ def test_cli_small_run_saves_the_set_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("override, fragment", [
     ("ipc=0", "ipc=0"), ("ipc=500", "class"), ("method=kip", "unknown distillation method"),
-    ("method_overrides.factor=0", "factor=0"), ("num_models=0", "num_models=0")])
+    ("method_overrides.factor=0", "factor=0"), ("num_models=0", "num_models=0"),
+    ("class_map=pmap", "class_map='pmap'")])
 def test_cli_exits_2_on_bad_input(override, fragment, tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     run_cli(tmp_path, override)

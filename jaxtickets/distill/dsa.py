@@ -308,7 +308,9 @@ def cutmix(key: jax.Array, x: jax.Array, labels: jax.Array, *, probability: floa
   """
   apply_key, lam_key, permute_key, center_key = jax.random.split(key, 4)
   count, height, width, _ = x.shape
-  lam = jax.random.beta(lam_key, beta, beta)
+  # Beta(1, 1) (the reference's) is U(0, 1); jax's Beta rejection-samples in a while loop, and
+  # XLA:GPU copies a loop's condition to the host every iteration, in every training step.
+  lam = jax.random.uniform(lam_key) if beta == 1.0 else jax.random.beta(lam_key, beta, beta)
   cut_ratio = jnp.sqrt(1.0 - lam)
   cut_height = jnp.floor(height * cut_ratio).astype(jnp.int32)
   cut_width = jnp.floor(width * cut_ratio).astype(jnp.int32)

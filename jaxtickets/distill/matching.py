@@ -175,6 +175,12 @@ def distribution_match(embed: EmbedFn) -> ClassObjective:
 MAP_STRATEGIES = ("vmap", "unroll", "map")
 
 
+def check_map(field: str, strategy: str) -> None:
+  """Raises UserError unless ``strategy`` is one of :data:`MAP_STRATEGIES`."""
+  if strategy not in MAP_STRATEGIES:
+    raise UserError(f"{field}={strategy!r}; known: {', '.join(MAP_STRATEGIES)}")
+
+
 def _map_over(fn: Callable[..., jax.Array], in_axes: tuple[int | None, ...], size: int,
               strategy: str) -> Callable[..., jax.Array]:
   """``fn`` over a leading axis of ``size``: vmapped, ``lax.map``-ped, or unrolled and stacked."""
@@ -189,9 +195,7 @@ def _map_over(fn: Callable[..., jax.Array], in_axes: tuple[int | None, ...], siz
         return fn(*[next(it) if axis is not None else arg for arg, axis in zip(shared, in_axes)])
       return jax.lax.map(one, members)
     return mapped
-  if strategy != "unroll":
-    raise UserError(f"unknown matching map strategy {strategy!r}; known: "
-                    f"{', '.join(MAP_STRATEGIES)}")
+  check_map("matching map", strategy)
 
   def unrolled(*args):
     def member(index):

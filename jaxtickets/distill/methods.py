@@ -324,8 +324,7 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
     net_optimizer: SGD of the nets (reference: 0.01 / 0.9 / 5e-4).
     magnitude: Acc-DD's perturbation range.
     population_options: ``population.run`` options of the nets' training (default vmap).
-    unroll: unroll the nets' training steps (default: on CPU, where convolutions in loops are
-      slow).
+    unroll: unroll the nets' training steps (default: ``train.loops_are_slow()``).
     model_map: how ``matching.matching_losses`` runs the M nets: "vmap" (default off CPU),
       "map" or "unroll" (default on CPU).
     class_map: how it runs the K classes (default "unroll"; see ``matching.matching_losses``).
@@ -347,9 +346,9 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
                                       (num_classes, synthetic_size))
   new_net = functools.partial(augment_models.init_net, model=model, image_shape=image_shape,
                               optimizer=net_optimizer)
-  on_cpu = jax.default_backend() == "cpu"
-  unroll = on_cpu if unroll is None else unroll
-  model_map = model_map or ("unroll" if on_cpu else "vmap")
+  unroll = train_lib.loops_are_slow() if unroll is None else unroll
+  # XLA:CPU runs vmapped (grouped) convolutions slowly too.
+  model_map = model_map or ("unroll" if jax.default_backend() == "cpu" else "vmap")
   net_step = _net_training(method, apply_fn, net_optimizer, mean, std, images_per_class,
                            num_classes, population_options or {}, unroll)
 
