@@ -207,7 +207,7 @@ def test_perturbation_keeps_filter_norms_and_leaves_biases():
 # Matching over (model x class)
 
 
-def test_vmapped_matching_equals_the_sum_of_single_model_losses(digits):
+def test_matching_over_models_and_classes_equals_single_losses_for_every_map(digits):
   model = models.get_model("convnet3", num_classes=10, width=4)
   apply_fn = train_lib.model_apply_fn(model, digits.mean, digits.std)
   num_models, num_classes, real_batch, syn_batch = 3, 3, 6, 2
@@ -233,9 +233,12 @@ def test_vmapped_matching_equals_the_sum_of_single_model_losses(digits):
                              real_x[m, c], real_y[c], syn_x[m, c], syn_y[c]))
                 for c in range(num_classes)] for m in range(num_models)]
     np.testing.assert_allclose(losses, singles, rtol=2e-4, err_msg=name)
-    loss = matching.matching_loss(objective, nets.params, {}, real_x, real_y, syn_x, syn_y,
-                                  model_map="unroll", class_map="vmap")
-    np.testing.assert_allclose(loss, np.sum(singles) / num_models, rtol=2e-4, err_msg=name)
+    for maps in ({"model_map": "unroll", "class_map": "vmap"},
+                 {"model_map": "map", "class_map": "map"}):
+      loss = matching.matching_loss(objective, nets.params, {}, real_x, real_y, syn_x, syn_y,
+                                    **maps)
+      np.testing.assert_allclose(loss, np.sum(singles) / num_models, rtol=2e-4,
+                                 err_msg=f"{name} {maps}")
     assert np.min(singles) > 0
   # The gradient reaches the synthetic images of each class from its own loss only.
   grad = jax.grad(lambda sx: matching.matching_loss(objectives["mse"], nets.params, {}, real_x,
