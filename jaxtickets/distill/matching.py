@@ -17,11 +17,11 @@
 A class objective is ``(params, batch_stats, real_x, real_y, syn_x, syn_y) -> f32[]``; the real
 gradient (or embedding) is a constant, the synthetic one is differentiated through (second
 order for gradient matching). :func:`matching_losses` evaluates it for M models x K classes in one
-program (models vmapped, classes unrolled); :func:`matching_loss` averages over the models and
-sums over the classes. The
-reference updates the synthetic set with ONE model per outer iteration; averaging over M models
-makes each update see M models at once, so M models per outer iteration and 1/M as many outer
-iterations keep the number of model-steps (models x inner iterations) the same.
+program (by default models vmapped, classes unrolled); :func:`matching_loss` averages over the
+models and sums over the classes. The reference updates the synthetic set with ONE model per
+outer iteration; averaging over M models makes each update see M models at once, so M models per
+outer iteration and 1/M as many outer iterations keep the number of model-steps (models x inner
+iterations) the same.
 """
 
 from __future__ import annotations
