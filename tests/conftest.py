@@ -15,6 +15,12 @@ import pytest  # noqa: E402
 from jaxtickets import data  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def digits() -> data.Dataset:
+  """scikit-learn's digits as every loader returns them (read once per test process)."""
+  return data.load_dataset("digits")
+
+
 @pytest.fixture
 def shared_data() -> pathlib.Path:
   """Path of the shared data folder; skips the test when it is absent."""
@@ -22,3 +28,21 @@ def shared_data() -> pathlib.Path:
   if not path.is_dir():
     pytest.skip(f"shared data folder {path} not found (set {data.SHARED_DATA_ENV})")
   return path
+
+
+@pytest.fixture
+def assert_cli_user_error(tmp_path, capsys):
+  """``check(main, arguments, fragment="")``: ``main([*arguments, "--workdir", <tmp>/run])``
+  exits with status 2 after printing one line ``error: ...`` that holds ``fragment``, and leaves
+  no workdir behind."""
+
+  def check(main, arguments, fragment=""):
+    workdir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+      main([*arguments, "--workdir", str(workdir)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and fragment in error
+    assert not workdir.exists()
+
+  return check

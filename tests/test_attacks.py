@@ -51,11 +51,6 @@ class TinyNet(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def digits():
-  return data_lib.load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
 def population(digits):
   """Two TinyNets trained from different seeds: (apply_fn, stacked params, stacked stats)."""
   model = TinyNet()

@@ -23,11 +23,6 @@ KEY = jax.random.PRNGKey(0)
 
 
 @pytest.fixture(scope="module")
-def digits():
-  return data_lib.load_dataset("digits")
-
-
-@pytest.fixture(scope="module")
 def network(digits):
   """A BatchNorm ConvNet-3 of width 4: (apply_fn, params, batch_stats, prunable)."""
   model = models.get_model("convnet3", num_classes=10, width=4, norm="batch")
@@ -344,13 +339,8 @@ def test_small_run_resumes_without_training_again(small_run):
     ("methods=('lrr', 'imp')", "methods="),
     ("transfer.variants=('sign', 'sign')", "transfer.variants="),
 ])
-def test_cli_exits_2_on_bad_input(override, fragment, tmp_path, capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    runner.main(["--config", "small", "--workdir", str(tmp_path / "run"), "--set", override])
-  assert exit_info.value.code == 2
-  error = capsys.readouterr().err
-  assert error.startswith("error: ") and error.count("\n") == 1 and fragment in error
-  assert not (tmp_path / "run").exists()
+def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
+  assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
 
 
 def test_unknown_preset_is_a_user_error():

@@ -12,11 +12,6 @@ from jaxtickets import data
 from assertions import assert_one_line_user_error
 
 
-@pytest.fixture(scope="module")
-def digits() -> data.Dataset:
-  return data.load_dataset("digits")
-
-
 def _examples(split: data.Split) -> collections.Counter:
   """The multiset of (image bytes, label) pairs of a split, to compare splits by content."""
   return collections.Counter(

@@ -18,11 +18,6 @@ KEY = jax.random.key(0)
 FULL = dsa.Strategy.parse("color_crop_cutout_flip_scale_rotate")
 
 
-@pytest.fixture(scope="module")
-def digits():
-  return data_lib.load_dataset("digits")
-
-
 def unit_images(digits, count, start=0):
   return data_lib.to_unit(jnp.asarray(digits.train.images[start:start + count]))
 
@@ -285,13 +280,8 @@ def test_cli_small_run_saves_the_set_and_resumes(tmp_path):
     ("ipc=0", "ipc=0"), ("ipc=500", "class"), ("method=kip", "unknown distillation method"),
     ("method_overrides.factor=0", "factor=0"), ("num_models=0", "num_models=0"),
     ("class_map=pmap", "class_map='pmap'")])
-def test_cli_exits_2_on_bad_input(override, fragment, tmp_path, capsys):
-  with pytest.raises(SystemExit) as exit_info:
-    run_cli(tmp_path, override)
-  assert exit_info.value.code == 2
-  error = capsys.readouterr().err
-  assert error.startswith("error: ") and error.count("\n") == 1 and fragment in error
-  assert not (tmp_path / "run").exists()
+def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
+  assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
 
 
 def test_methods_registry_rejects_unknown_fields():

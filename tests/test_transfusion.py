@@ -199,11 +199,6 @@ def test_bad_arms_and_block_counts_raise_one_line_user_errors():
       "pretrained module 'stem", "has shape")
 
 
-@pytest.fixture(scope="module")
-def digits():
-  return data_lib.load_dataset("digits")
-
-
 # ----------------------------------------------------------------------------------------------
 # The runner
 
@@ -275,31 +270,24 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
     ("models=('cbr_tiny', 'resnet18')", "one width"),
     ("seeds=0", "seeds=0"),
 ])
-def test_cli_exits_2_on_bad_config(override, fragment, tmp_path, capsys):
-  assert_cli_error(tmp_path, capsys, ["--set", override], fragment)
+def test_cli_exits_2_on_bad_config(override, fragment, assert_cli_user_error):
+  assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
 
 
-def assert_cli_error(tmp_path, capsys, arguments, fragment):
-  with pytest.raises(SystemExit) as exit_info:
-    runner.main(["--config", "small", "--workdir", str(tmp_path / "run"), *arguments])
-  assert exit_info.value.code == 2
-  error = capsys.readouterr().err
-  assert error.startswith("error: ") and error.count("\n") == 1 and fragment in error
-  assert not (tmp_path / "run").exists()
-
-
-def test_cli_exits_2_on_a_target_npz_without_a_test_split(tmp_path, capsys, digits):
+def test_cli_exits_2_on_a_target_npz_without_a_test_split(tmp_path, digits,
+                                                          assert_cli_user_error):
   path = tmp_path / "target.npz"
   np.savez(path, train_images=digits.train.images[..., 0], train_labels=digits.train.labels)
-  assert_cli_error(tmp_path, capsys, ["--set", f"dataset=npz:{path}", "--set",
-                                      "target_classes=None"], "missing array 'test_images'")
+  assert_cli_user_error(runner.main, ["--config", "small", "--set", f"dataset=npz:{path}",
+                                      "--set", "target_classes=None"],
+                        "missing array 'test_images'")
 
 
-def test_cli_exits_2_on_a_pretrained_checkpoint_of_another_architecture(small_run, tmp_path,
-                                                                          capsys):
+def test_cli_exits_2_on_a_pretrained_checkpoint_of_another_architecture(
+    small_run, tmp_path, assert_cli_user_error):
   _, _, workdir = small_run
   given = tmp_path / "pretrained"
   shutil.copytree(workdir / "pretrain" / "cbr_tiny" / "pretrained", given / "cbr_small")
-  assert_cli_error(tmp_path, capsys, [
-      "--set", "models=('cbr_small',)", "--set", "model=cbr_small",
+  assert_cli_user_error(runner.main, [
+      "--config", "small", "--set", "models=('cbr_small',)", "--set", "model=cbr_small",
       "--set", f"source.checkpoint_dir={given}"], "is not a cbr_small")
