@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import json
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -554,5 +554,9 @@ def demo_section(report: report_lib.Report, workdir: pathlib.Path) -> None:
   add_report_sections(report, results)
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+  cli.main(train_and_evaluate, rst_configs, argv)
+
+
 if __name__ == "__main__":
-  cli.main(train_and_evaluate, rst_configs)
+  main()

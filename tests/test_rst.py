@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import build, cli
+from experiments import build
 from experiments import rst as runner
 from experiments.configs import rst as rst_configs
 from jaxtickets import attacks, checkpoint, models, population, rst, tickets
@@ -325,5 +325,4 @@ def test_bad_input_raises_one_line_user_errors():
                                       "keep_ratios=(0.5, 1.5)", "keep_ratios=(0.0,)",
                                       "eval.pgd_steps=0", "eval.attacks=('cw',)"])
 def test_cli_exits_2_on_bad_input(override, assert_cli_user_error):
-  assert_cli_user_error(lambda argv: cli.main(runner.train_and_evaluate, rst_configs, argv),
-                        ["--config", "small", "--set", override])
+  assert_cli_user_error(runner.main, ["--config", "small", "--set", override])
