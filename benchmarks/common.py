@@ -17,7 +17,8 @@ from jaxtickets import data as data_lib
 
 
 def first_and_median_seconds(call: Callable[[], Any], timings: int) -> tuple[float, float]:
-  """(seconds of the first call, compilation included; median seconds of ``timings`` more).
+  """(seconds of the first call, compilation included unless compiled ahead; median seconds of
+  ``timings`` more).
 
   ``call``'s result is waited for with ``jax.block_until_ready`` (JAX dispatches
   asynchronously), so ``call`` may return arrays still being computed.
@@ -28,6 +29,14 @@ def first_and_median_seconds(call: Callable[[], Any], timings: int) -> tuple[flo
     jax.block_until_ready(call())
     seconds.append(time.perf_counter() - start)
   return seconds[0], statistics.median(seconds[1:])
+
+
+def compile_ahead(fn: Callable[..., Any], *args: Any) -> tuple[jax.stages.Compiled, float]:
+  """``jax.jit(fn)`` compiled for ``args``, and the seconds compiling took (so that first-call
+  times are the program's own and ``compiled.host_waits`` can read it)."""
+  start = time.perf_counter()
+  program = jax.jit(fn).lower(*args).compile()
+  return program, time.perf_counter() - start
 
 
 def median_seconds(call: Callable[[], Any], timings: int) -> float:

@@ -11,10 +11,12 @@ images held in device memory), so no dataset needs to be prepared:
    squared gradient distance, second-order backward) plus 32 SGD steps of the net on real data
    with DSA + CutMix; 20 inner iterations are timed as one ``lax.scan`` and scaled to 100. The
    net comes from a pool (randomly initialized here; pretraining does not change the cost) and
-   is perturbed. Printed: seconds per outer iteration and the projected time of the paper's 500
-   (target on an H100: < 10 min), for the variants of ``Settings.outer`` / ``--outer`` (M nets
-   per update, how the nets and classes are mapped, compute dtype, net steps; by default M = 1
-   as the reference in float32 and bfloat16, and M = 5 in bfloat16).
+   is perturbed. Printed: seconds per outer iteration, compile seconds, the program's host waits
+   (``jaxtickets.compiled``: conditionals and data-dependent loops, each a GPU-to-host round trip
+   per execution) and the projected time of the paper's 500 (target on an H100: < 10 min), for
+   the variants of ``Settings.outer`` / ``--outer`` (M nets per update, how the nets and classes
+   are mapped, compute dtype, net steps; by default M = 1 as the reference in float32 and
+   bfloat16, and M = 5 in bfloat16).
 2. **Evaluation throughput**: N = 1, 8, 32 ConvNet-3s (float32, and bfloat16 compute with
    float32 params) trained as one population on a decoded IPC-10 set (400 images), batch 64,
    per-sample DSA + CutMix, SGD; images/s over all nets.
@@ -42,8 +44,8 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from jaxtickets import compiled, population
 from jaxtickets import data as data_lib
-from jaxtickets import population
 from jaxtickets import train as train_lib
 from jaxtickets.distill import augment_models, evaluate, methods, synthetic
 from jaxtickets.errors import UserError, exit_on_user_error
@@ -149,8 +151,9 @@ def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str,
                                   net_optimizer)
   holder = {"state": methods.init_state(jax.random.key(3), images,
                                         methods.image_optimizer(method, IPC, STD), nets)}
-  outer = jax.jit(train_lib.repeat(step, settings.timed_inner_iterations,
-                                   unroll=train_lib.loops_are_slow()))
+  outer, compile_s = common.compile_ahead(
+      train_lib.repeat(step, settings.timed_inner_iterations, unroll=train_lib.loops_are_slow()),
+      holder["state"], data)
 
   def call():
     holder["state"], metrics = outer(holder["state"], data)
@@ -158,7 +161,8 @@ def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str,
 
   first, seconds = common.first_and_median_seconds(call, settings.timings)
   seconds *= settings.inner_iterations / settings.timed_inner_iterations
-  return {**variant._asdict(), "outer_iteration_s": seconds, "first_call_s": first,
+  return {**variant._asdict(), "outer_iteration_s": seconds, "compile_s": compile_s,
+          "first_call_s": first, "host_waits": compiled.host_waits(outer),
           "projected_s": seconds * settings.projected_outer / variant.num_models,
           "projected_outer_iterations": settings.projected_outer / variant.num_models}
 
@@ -177,9 +181,10 @@ def time_evaluation(settings: Settings, num_nets: int, dtype: str) -> dict[str, 
                             len(split.labels), MEAN, STD)
   num_params = sum(leaf.size for leaf in jax.tree.leaves(nets.params)) // num_nets
   options = population.default_strategy("convnet3", num_params)
-  run = jax.jit(train_lib.repeat(population.run(step, **options), settings.eval_steps,
-                                 unroll=train_lib.loops_are_slow()))
   data = train_lib.device_data(split)
+  run, compile_s = common.compile_ahead(
+      train_lib.repeat(population.run(step, **options), settings.eval_steps,
+                       unroll=train_lib.loops_are_slow()), nets, data)
   holder = {"nets": nets}
 
   def call():
@@ -190,7 +195,7 @@ def time_evaluation(settings: Settings, num_nets: int, dtype: str) -> dict[str, 
   images = num_nets * protocol.batch_size * settings.eval_steps
   return {"num_nets": num_nets, "dtype": dtype, "strategy": options["strategy"],
           "images_per_s": images / seconds, "step_ms": 1e3 * seconds / settings.eval_steps,
-          "first_call_s": first}
+          "compile_s": compile_s, "first_call_s": first, "host_waits": compiled.host_waits(run)}
 
 
 def time_torch_evaluation(settings: Settings) -> float:
@@ -330,8 +335,8 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
                             "evaluation": [], "torch": None}
   print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations; net_steps 0 "
         "times the matching alone):")
-  print(f"{'M':>3}  {'maps':<14}{'dtype':<10}{'net steps':>10}{'s/outer':>10}{'first call s':>14}"
-        f"{'projected':>22}")
+  print(f"{'M':>3}  {'maps':<14}{'dtype':<10}{'net steps':>10}{'s/outer':>10}{'compile s':>11}"
+        f"{'host waits':>12}{'projected':>22}")
   variants = [OuterVariant.parse(text) for text in settings.outer] if "outer" in parts else []
   for variant in variants:
     result = time_outer_iteration(settings, variant)
@@ -339,19 +344,19 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
     maps = f"{variant.model_map}/{variant.class_map}"
     print(f"{variant.num_models:>3}  {maps:<14}{variant.dtype:<10}"
           f"{variant.net_steps:>10}{result['outer_iteration_s']:>10.3f}"
-          f"{result['first_call_s']:>14.1f}"
+          f"{result['compile_s']:>11.1f}{len(result['host_waits']):>12}"
           f"{result['projected_s'] / 60:>12.1f} min for {result['projected_outer_iterations']:.0f}"
           f" outer", flush=True)
     save(report)
   print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
-  print(f"{'dtype':<9}{'N':>3}  {'strategy':<9}{'images/s':>12}{'ms/step':>10}")
+  print(f"{'dtype':<9}{'N':>3}  {'strategy':<9}{'images/s':>12}{'ms/step':>10}{'host waits':>12}")
   evaluations = [_evaluation_variant(text) for text in settings.evaluation] \
       if "evaluation" in parts else []
   for dtype, num_nets in evaluations:
     result = time_evaluation(settings, num_nets, dtype)
     report["evaluation"].append(result)
     print(f"{dtype:<9}{num_nets:>3}  {result['strategy']:<9}{result['images_per_s']:>12,.0f}"
-          f"{result['step_ms']:>10.2f}", flush=True)
+          f"{result['step_ms']:>10.2f}{len(result['host_waits']):>12}", flush=True)
     save(report)
   if "precision" in parts:
     print(f"\nEvaluation accuracy by compute dtype ({settings.precision_dataset}, "

@@ -23,7 +23,7 @@ import json
 import math
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -138,22 +138,21 @@ def pretrain_pool(config: ml_collections.ConfigDict, method: methods.Method, mod
   return {"params": nets.params, "batch_stats": nets.batch_stats}, summary
 
 
-def distill(config: ml_collections.ConfigDict, method: methods.Method, model: Any,
-            dataset: data_lib.Dataset, pool: PyTree, workdir: pathlib.Path,
-            progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
-  """Runs the distillation; returns the stored images f32[K, ipc, H, W, C] and a summary."""
-  started = time.perf_counter()
+def distill_program(config: ml_collections.ConfigDict, method: methods.Method, model: Any,
+                    dataset: data_lib.Dataset, pool: PyTree
+                    ) -> tuple[Callable, methods.DistillState, methods.DistillData]:
+  """The distillation's step (one inner iteration), initial state and device data."""
   num_classes = dataset.num_classes
   net_optimizer = train_lib.sgd(config.learning_rate, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
   nets = augment_models.init_nets(seed_key(config, "nets"), model, dataset.image_shape,
                                   config.num_models, net_optimizer)
-  real_batch = methods.real_batch_size(method, dataset.train.labels, num_classes)
   step = methods.make_distill_step(
       method, model, mean=dataset.mean, std=dataset.std, num_classes=num_classes,
       image_shape=dataset.image_shape, images_per_class=config.ipc,
-      num_models=config.num_models, real_batch=real_batch, net_optimizer=net_optimizer,
-      magnitude=config.perturb_magnitude,
+      num_models=config.num_models,
+      real_batch=methods.real_batch_size(method, dataset.train.labels, num_classes),
+      net_optimizer=net_optimizer, magnitude=config.perturb_magnitude,
       population_options=population_options(config, population.select(nets.params, 0)),
       model_map=config.model_map, class_map=config.class_map)
   initial = synthetic.init_images(config.seed, dataset.train.images, dataset.train.labels,
@@ -161,10 +160,18 @@ def distill(config: ml_collections.ConfigDict, method: methods.Method, model: An
                                   init=method.init)
   state = methods.init_state(seed_key(config, "distill"), initial,
                              methods.image_optimizer(method, config.ipc, dataset.std), nets)
+  return step, state, methods.distill_data(dataset.train, num_classes, pool)
+
+
+def distill(config: ml_collections.ConfigDict, method: methods.Method, model: Any,
+            dataset: data_lib.Dataset, pool: PyTree, workdir: pathlib.Path,
+            progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
+  """Runs the distillation; returns the stored images f32[K, ipc, H, W, C] and a summary."""
+  started = time.perf_counter()
+  step, state, data = distill_program(config, method, model, dataset, pool)
   outer = outer_iterations(config, method)
   num_steps = outer * method.inner_iterations
-  state, records = loop.fit(step, state, methods.distill_data(dataset.train, num_classes, pool),
-                            num_steps=num_steps,
+  state, records = loop.fit(step, state, data, num_steps=num_steps,
                             eval_every=config.checkpoint_every * method.inner_iterations,
                             workdir=workdir / "distill", progress=progress,
                             description=f"{method.name} distillation")
@@ -172,7 +179,9 @@ def distill(config: ml_collections.ConfigDict, method: methods.Method, model: An
   summary = {"outer_iterations": outer, "inner_iterations": method.inner_iterations,
              "num_models": config.num_models,
              "model_steps": outer * method.inner_iterations * config.num_models,
-             "image_updates": num_steps, "real_batch": real_batch,
+             "image_updates": num_steps,
+             "real_batch": methods.real_batch_size(method, dataset.train.labels,
+                                                   dataset.num_classes),
              "image_learning_rate": method.image_learning_rate(config.ipc, dataset.std),
              "loss": [record["train_loss"] for record in records],
              "loss_steps": [record["step"] for record in records],

@@ -1,7 +1,10 @@
 """Assertions shared by test modules (pytest puts this folder on sys.path)."""
 
+import jax
 import pytest
 
+from jaxtickets import compiled
+from jaxtickets import train as train_lib
 from jaxtickets.errors import UserError
 
 
@@ -13,3 +16,10 @@ def assert_one_line_user_error(call, *fragments: str) -> None:
   assert "\n" not in message
   for fragment in fragments:
     assert fragment in message
+
+
+def assert_no_host_waits(step, state, data) -> None:
+  """Two ``step``s in a loop, as ``loop.fit`` compiles them, hold no conditional and no loop of
+  data-dependent length: on a GPU each would stop the host once per step (``compiled``)."""
+  program = jax.jit(train_lib.repeat(step, 2)).lower(state, data).compile()
+  assert compiled.host_waits(program) == []

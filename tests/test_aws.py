@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from assertions import assert_one_line_user_error
+from assertions import assert_no_host_waits, assert_one_line_user_error
 
 from experiments import aws as runner
 from experiments.configs import aws as aws_configs
@@ -180,6 +180,17 @@ def test_aws_with_alpha_zero_is_plain_training(network, data):
   _, aws_state = three_steps(True)
   assert not np.array_equal(aws_state.params["stem_norm"]["scale"],
                             plain_state.params["stem_norm"]["scale"])
+
+
+def test_aws_population_step_never_makes_the_host_wait(network, data):
+  apply_fn, params, batch_stats, prunable = network
+  optimizer = train_lib.sgd(0.1)
+  _, mask = aws.prune(params, aws.dense_mask(params), prunable, 0.5)
+  states = population.stack([aws.init_sparse_state(KEY, params, batch_stats, mask, flag,
+                                                   optimizer) for flag in (False, True)])
+  # LRR and AWS members with the runner's crop + flip augmentation.
+  step = population.run(aws.make_sparse_step(apply_fn, optimizer, batch_size=32))
+  assert_no_host_waits(step, states, data[0])
 
 
 def test_pruned_weights_stay_exactly_zero_while_the_rest_trains(network, data):

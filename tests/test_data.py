@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtickets import data
+from jaxtickets import compiled, data
 
 from assertions import assert_one_line_user_error
 
@@ -221,7 +221,8 @@ def test_shuffled_positions_is_a_permutation_of_the_split(num_examples):
 
 
 def test_shuffled_positions_look_uniform():
-  """Over many keys, each position is equally likely to hold each example."""
+  """Over many keys, each position is equally likely to hold each example, and each pair of
+  positions each ordered pair of distinct examples."""
   num_examples, num_keys = 10, 4000
   keys = jax.random.split(jax.random.key(3), num_keys)
   orders = np.asarray(jax.vmap(data.shuffled_positions, in_axes=(0, None, None))(
@@ -230,8 +231,29 @@ def test_shuffled_positions_look_uniform():
   np.add.at(counts, (np.broadcast_to(np.arange(num_examples), orders.shape), orders), 1)
   expected = num_keys / num_examples
   chi_square = ((counts - expected) ** 2 / expected).sum()
-  # 81 degrees of freedom: the 99.9% quantile is about 124.
-  assert chi_square < 124, chi_square
+  # 81 degrees of freedom: the 99.9% quantile is about 126.
+  assert chi_square < 126, chi_square
+  pairs = np.zeros((num_examples, num_examples))
+  np.add.at(pairs, (orders[:, 0], orders[:, 1]), 1)
+  assert not np.diagonal(pairs).any()
+  distinct = pairs[~np.eye(num_examples, dtype=bool)]
+  expected = num_keys / distinct.size
+  chi_square = ((distinct - expected) ** 2 / expected).sum()
+  # 89 degrees of freedom: the 99.9% quantile is about 136.
+  assert chi_square < 136, chi_square
+
+
+def test_host_waits_finds_conditionals_and_data_dependent_loops_only():
+  def waits(fn, *args):
+    return compiled.host_waits(jax.jit(fn).lower(*args).compile())
+
+  assert len(waits(lambda p, x: jax.lax.cond(p, lambda: x + 1, lambda: x * 2), True, 1.0)) == 1
+  assert len(waits(lambda x: jax.lax.while_loop(lambda v: v < 10, lambda v: v * 2, x), 1.0)) == 1
+  assert waits(lambda x: jax.lax.fori_loop(0, 5, lambda _, v: v * 2, x), 1.0) == []
+  # The batch's indices take a fixed number of rounds, however many examples the split has.
+  for num_examples in (2, 1797, 50000):
+    assert waits(lambda key, step: data.batch_indices(key, step, num_examples, 2),
+                 jax.random.key(0), 3) == []
 
 
 def test_get_batch_pairs_images_with_labels_and_drops_the_remainder(digits):

@@ -7,12 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import build
 from experiments import distill as runner
 from experiments.configs import distill as distill_configs
 from jaxtickets import data as data_lib
-from jaxtickets import models
+from jaxtickets import models, population
 from jaxtickets import train as train_lib
-from jaxtickets.distill import augment_models, dsa, matching, methods, synthetic
+from jaxtickets.distill import augment_models, dsa, evaluate, matching, methods, synthetic
+
+from assertions import assert_no_host_waits
 
 KEY = jax.random.key(0)
 FULL = dsa.Strategy.parse("color_crop_cutout_flip_scale_rotate")
@@ -239,6 +242,28 @@ def test_matching_over_models_and_classes_equals_single_losses_for_every_map(dig
   grad = jax.grad(lambda sx: matching.matching_loss(objectives["mse"], nets.params, {}, real_x,
                                                     real_y, sx, syn_y))(syn_x)
   assert np.all(np.abs(np.asarray(grad)).sum(axis=(0, 2, 3, 4, 5)) > 0)
+
+
+@pytest.mark.parametrize("method", ["dc", "acc_dd"])
+def test_distill_and_evaluation_steps_never_make_the_host_wait(method):
+  config = distill_configs.get_config("small")
+  config.method = method
+  resolved = runner.check_config(config)
+  dataset = runner.load_data(config)
+  model = build.model(config, dataset.num_classes)
+  pool = None
+  if resolved.models == "pool":  # Untrained: only its shapes matter to the compiler.
+    nets = augment_models.init_nets(KEY, model, dataset.image_shape, config.pool_size,
+                                    train_lib.sgd(0.1))
+    pool = {"params": nets.params, "batch_stats": nets.batch_stats}
+  assert_no_host_waits(*runner.distill_program(config, resolved, model, dataset, pool))
+  if method == "acc_dd":
+    protocol = runner.protocol_of(config)
+    step = evaluate.make_step(train_lib.model_apply_fn(model, dataset.mean, dataset.std),
+                              protocol, train_lib.sgd(0.1), len(dataset.train.labels),
+                              dataset.mean, dataset.std)
+    nets = augment_models.init_nets(KEY, model, dataset.image_shape, 2, train_lib.sgd(0.1))
+    assert_no_host_waits(population.run(step), nets, train_lib.device_data(dataset.train))
 
 
 # ----------------------------------------------------------------------------------------------

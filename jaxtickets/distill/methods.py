@@ -391,7 +391,10 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
     starts_outer = state.step % method.inner_iterations == 0
     nets_key = jax.random.fold_in(jax.random.fold_in(state.key, 0), outer)
     step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
-    nets = jax.lax.cond(starts_outer, lambda: new_nets(nets_key, data.pool), lambda: state.nets)
+    # A select, not a lax.cond: XLA:GPU stops the host at every conditional to read its
+    # predicate, and fresh nets cost little next to an inner iteration's matching and training.
+    nets = jax.tree.map(functools.partial(jnp.where, starts_outer),
+                        new_nets(nets_key, data.pool), state.nets)
     images = jnp.where(starts_outer, synthetic.clamp(state.images), state.images)
     loss, grads = jax.value_and_grad(loss_of)(images, nets, data, step_key)
     updates, image_opt_state = images_optimizer.update(grads, state.image_opt_state, images)
