@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtickets import attacks
+from jaxtickets import attacks, compiled, rst
 from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
 from jaxtickets.errors import UserError
@@ -232,6 +232,20 @@ def test_train_mode_threads_stats_through_every_pass():
   result = jax.jit(attack)(params, {"passes": jnp.int32(0)}, x, y, KEY)
   # 3 steps x 2 EOT passes x 2 restarts; the passes that decide success do not count.
   assert int(result.batch_stats["passes"]) == 12
+
+
+def test_evaluation_attacks_never_make_the_host_wait():
+  """Early stopping and APGD's step-size halving are selects, not conditionals or loops of
+  data-dependent length (each a device-to-host round trip per iteration on a GPU)."""
+
+  def linear(params, batch_stats, x, train, key=None):
+    return x.reshape(x.shape[0], -1) @ params, batch_stats
+
+  params = jax.random.normal(KEY, (64, 10))
+  x, y = jax.random.uniform(KEY, (8, 8, 8, 1)), jnp.arange(8)
+  for name, attack in rst.evaluation_attacks(apgd_steps=20).items():
+    program = jax.jit(functools.partial(attack, linear)).lower(params, {}, x, y, KEY).compile()
+    assert compiled.host_waits(program) == [], name
 
 
 def test_jit_vmap_over_a_population_matches_each_member(population, test_set, attack_fns):
