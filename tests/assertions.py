@@ -18,8 +18,12 @@ def assert_one_line_user_error(call, *fragments: str) -> None:
     assert fragment in message
 
 
+def host_waits_of(fn, *args) -> list[str]:
+  """``compiled.host_waits`` of ``jax.jit(fn)`` compiled for ``args``."""
+  return compiled.host_waits(jax.jit(fn).lower(*args).compile())
+
+
 def assert_no_host_waits(step, state, data) -> None:
   """Two ``step``s in a loop, as ``loop.fit`` compiles them, hold no conditional and no loop of
   data-dependent length: on a GPU each would stop the host once per step (``compiled``)."""
-  program = jax.jit(train_lib.repeat(step, 2)).lower(state, data).compile()
-  assert compiled.host_waits(program) == []
+  assert host_waits_of(train_lib.repeat(step, 2), state, data) == []

@@ -9,10 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtickets import attacks, compiled, rst
+from jaxtickets import attacks, rst
 from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
 from jaxtickets.errors import UserError
+
+from assertions import host_waits_of
 
 EPS = 0.12  # Linf, on pixels in [0, 1]
 L2_EPS = 1.0
@@ -244,8 +246,7 @@ def test_evaluation_attacks_never_make_the_host_wait():
   params = jax.random.normal(KEY, (64, 10))
   x, y = jax.random.uniform(KEY, (8, 8, 8, 1)), jnp.arange(8)
   for name, attack in rst.evaluation_attacks(apgd_steps=20).items():
-    program = jax.jit(functools.partial(attack, linear)).lower(params, {}, x, y, KEY).compile()
-    assert compiled.host_waits(program) == [], name
+    assert host_waits_of(functools.partial(attack, linear), params, {}, x, y, KEY) == [], name
 
 
 def test_jit_vmap_over_a_population_matches_each_member(population, test_set, attack_fns):

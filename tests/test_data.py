@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtickets import compiled, data
+from jaxtickets import data
 
-from assertions import assert_one_line_user_error
+from assertions import assert_one_line_user_error, host_waits_of
 
 
 def _examples(split: data.Split) -> collections.Counter:
@@ -244,16 +244,15 @@ def test_shuffled_positions_look_uniform():
 
 
 def test_host_waits_finds_conditionals_and_data_dependent_loops_only():
-  def waits(fn, *args):
-    return compiled.host_waits(jax.jit(fn).lower(*args).compile())
-
-  assert len(waits(lambda p, x: jax.lax.cond(p, lambda: x + 1, lambda: x * 2), True, 1.0)) == 1
-  assert len(waits(lambda x: jax.lax.while_loop(lambda v: v < 10, lambda v: v * 2, x), 1.0)) == 1
-  assert waits(lambda x: jax.lax.fori_loop(0, 5, lambda _, v: v * 2, x), 1.0) == []
+  cond = lambda p, x: jax.lax.cond(p, lambda: x + 1, lambda: x * 2)
+  assert len(host_waits_of(cond, True, 1.0)) == 1
+  loop = lambda x: jax.lax.while_loop(lambda v: v < 10, lambda v: v * 2, x)
+  assert len(host_waits_of(loop, 1.0)) == 1
+  assert host_waits_of(lambda x: jax.lax.fori_loop(0, 5, lambda _, v: v * 2, x), 1.0) == []
   # The batch's indices take a fixed number of rounds, however many examples the split has.
   for num_examples in (2, 1797, 50000):
-    assert waits(lambda key, step: data.batch_indices(key, step, num_examples, 2),
-                 jax.random.key(0), 3) == []
+    assert host_waits_of(lambda key, step: data.batch_indices(key, step, num_examples, 2),
+                         jax.random.key(0), 3) == []
 
 
 def test_get_batch_pairs_images_with_labels_and_drops_the_remainder(digits):
