@@ -152,7 +152,7 @@ def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str,
   holder = {"state": methods.init_state(jax.random.key(3), images,
                                         methods.image_optimizer(method, IPC, STD), nets)}
   outer, compile_s = common.compile_ahead(
-      train_lib.repeat(step, settings.timed_inner_iterations, unroll=train_lib.loops_are_slow()),
+      train_lib.repeat(step, settings.timed_inner_iterations),
       holder["state"], data)
 
   def call():
@@ -183,8 +183,7 @@ def time_evaluation(settings: Settings, num_nets: int, dtype: str) -> dict[str, 
   options = population.default_strategy("convnet3", num_params)
   data = train_lib.device_data(split)
   run, compile_s = common.compile_ahead(
-      train_lib.repeat(population.run(step, **options), settings.eval_steps,
-                       unroll=train_lib.loops_are_slow()), nets, data)
+      train_lib.repeat(population.run(step, **options), settings.eval_steps), nets, data)
   holder = {"nets": nets}
 
   def call():

@@ -10,7 +10,7 @@ only in speed and memory:
 * ``"map"``: ``lax.map`` in chunks of ``chunk_size`` members (vmap inside a chunk, chunks one
   after another). For large conv nets: vmapping conv weights turns every conv into a grouped
   convolution, which is slower per image than the plain one, and activations of all N members
-  need not fit at once.
+  need not fit at once. The default on CPU, which has no fast grouped convolution.
 * ``"shard"``: the member axis is split over the devices of a 1-D mesh axis named
   ``"population"``, each device vmapping its share; shared inputs (the data) are replicated.
 
@@ -55,6 +55,11 @@ MESH_AXIS = "population"
 # - ("gpu", "resnet20"), batch 128, fp32 (benchmarks/aws.py, the AWS transfer sweep): vmap of 16
 #   members 39k img/s in total vs 46k running them one after another; the same grouped-conv
 #   penalty as ResNet-18 although ResNet-20 has only 0.27M parameters.
+# - "cpu", every model: XLA:CPU has no fast grouped convolution, and since models.conv keeps loop
+#   bodies on Eigen, members one after another win or tie (2 cores, 4 steps of N members,
+#   2026-11-26): ConvNet-3 width 32, 16x16, batch 64, N = 8: map 202 ms vs vmap 738 ms; width
+#   8, 8x8, batch 16, N = 8: 9 vs 15 ms; ResNet-18 width 8: 220 vs 322 ms; ResNet-20 on 8x8,
+#   N = 4: 226 vs 209 ms.
 _MEASURED: dict[tuple[str, str], dict[str, Any]] = {
     ("gpu", "convnet3"): {"strategy": "vmap", "chunk_size": None},
     ("gpu", "resnet18"): {"strategy": "map", "chunk_size": None},
@@ -313,8 +318,9 @@ def default_strategy(model_name: str, num_params: int, *,
                      platform: str | None = None) -> dict[str, Any]:
   """Keyword arguments of :func:`run` for the fastest measured strategy of ``model_name``.
 
-  Uses the measured table in this module when it has ``(platform, model_name)``; otherwise
-  "vmap" for nets of at most 2M parameters per member and "map" one member at a time above.
+  On CPU one member at a time ("map"); elsewhere the measured table in this module when it has
+  ``(platform, model_name)``, otherwise "vmap" for nets of at most 2M parameters per member and
+  "map" one member at a time above.
 
   Args:
     model_name: the registry name ("convnet3", "resnet18", ...).
@@ -325,6 +331,8 @@ def default_strategy(model_name: str, num_params: int, *,
     ``{"strategy": ..., "chunk_size": ...}``: use as ``run(step, **default_strategy(...))``.
   """
   platform = jax.default_backend() if platform is None else platform
+  if platform == "cpu":
+    return {"strategy": "map", "chunk_size": None}
   measured = _MEASURED.get((platform, model_name))
   if measured is not None:
     return dict(measured)

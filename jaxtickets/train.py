@@ -186,23 +186,16 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
   return step
 
 
-def loops_are_slow() -> bool:
-  """True on XLA:CPU, which runs convolutions inside a while loop ~30x slower than outside one
-  (measured 0.10 s vs 3.2 s per ConvNet-3 step on 2 cores): unroll loops of steps there."""
-  return jax.default_backend() == "cpu"
-
-
 def repeat(step: Callable[[TrainState, Data], tuple[TrainState, Mapping[str, jax.Array]]],
            num_steps: int, *, unroll: int | bool = 1):
   """Runs ``step`` ``num_steps`` times in one ``lax.scan`` (one dispatch instead of many).
 
-  ``unroll`` is ``lax.scan``'s (True: no loop at all; e.g. ``unroll=loops_are_slow()``).
+  ``unroll`` is ``lax.scan``'s (True: no loop at all).
   Returns ``run(state, data) -> (state, metrics)`` with metrics stacked on a leading axis.
   """
 
   def run(state, data):
     if num_steps == 1:
-      # No loop at all: XLA:CPU runs convolutions inside a while loop on a much slower path.
       state, metrics = step(state, data)
       return state, jax.tree_util.tree_map(lambda m: m[None], metrics)
     return jax.lax.scan(lambda s, _: step(s, data), state, None, length=num_steps,

@@ -240,9 +240,11 @@ def test_bad_input_is_a_one_line_user_error(make_error, match):
 
 
 def test_default_strategy_is_accepted_by_run():
-  small = population.default_strategy("some_new_net", num_params=10_000, platform="cpu")
-  large = population.default_strategy("some_new_net", num_params=20_000_000, platform="cpu")
+  small = population.default_strategy("some_new_net", num_params=10_000, platform="gpu")
+  large = population.default_strategy("some_new_net", num_params=20_000_000, platform="gpu")
   assert small["strategy"] == "vmap" and large["strategy"] == "map"
+  assert population.default_strategy("convnet3", num_params=1, platform="cpu")["strategy"] == \
+      "map"
   for model_name in ("convnet3", "resnet18"):
     options = population.default_strategy(model_name, num_params=1, platform="gpu")
     population.run(_noop_step, **options)

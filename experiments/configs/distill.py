@@ -79,7 +79,7 @@ def _base() -> ml_collections.ConfigDict:
   c.perturb_magnitude = (0.01, 0.09)
   c.checkpoint_every = 10  # Outer iterations between checkpoints of the synthetic set.
   # How the matching runs the nets and the classes ("vmap", "map", "unroll"; see
-  # jaxtickets.distill.matching.matching_losses); model_map None: unroll on CPU, vmap elsewhere.
+  # jaxtickets.distill.matching.matching_losses); model_map None: map on CPU, vmap elsewhere.
   c.model_map = None
   c.class_map = "unroll"
   c.strategy = None  # Population strategy of the nets; None: the measured default.

@@ -307,7 +307,7 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
                       net_optimizer: optax.GradientTransformation,
                       magnitude: Sequence[float] = augment_models.DEFAULT_MAGNITUDE,
                       population_options: dict[str, Any] | None = None,
-                      unroll: bool | None = None, model_map: str | None = None,
+                      model_map: str | None = None,
                       class_map: str = "unroll"):
   """One inner iteration of ``method`` (see module docstring) as a pure step for ``loop.fit``.
 
@@ -324,9 +324,8 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
     net_optimizer: SGD of the nets (reference: 0.01 / 0.9 / 5e-4).
     magnitude: Acc-DD's perturbation range.
     population_options: ``population.run`` options of the nets' training (default vmap).
-    unroll: unroll the nets' training steps (default: ``train.loops_are_slow()``).
     model_map: how ``matching.matching_losses`` runs the M nets: "vmap" (default off CPU),
-      "map" or "unroll" (default on CPU).
+      "map" (default on CPU) or "unroll".
     class_map: how it runs the K classes (default "unroll"; see ``matching.matching_losses``).
 
   Returns:
@@ -346,11 +345,10 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
                                       (num_classes, synthetic_size))
   new_net = functools.partial(augment_models.init_net, model=model, image_shape=image_shape,
                               optimizer=net_optimizer)
-  unroll = train_lib.loops_are_slow() if unroll is None else unroll
-  # XLA:CPU runs vmapped (grouped) convolutions slowly too.
-  model_map = model_map or ("unroll" if jax.default_backend() == "cpu" else "vmap")
+  # XLA:CPU has no fast grouped (vmapped) convolution: one net at a time there.
+  model_map = model_map or ("map" if jax.default_backend() == "cpu" else "vmap")
   net_step = _net_training(method, apply_fn, net_optimizer, mean, std, images_per_class,
-                           num_classes, population_options or {}, unroll)
+                           num_classes, population_options or {})
 
   def new_nets(key, pool):
     keys = jax.random.split(key, num_models)
@@ -412,7 +410,7 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
 def _net_training(method: Method, apply_fn: train_lib.ApplyFn,
                   optimizer: optax.GradientTransformation, mean: Sequence[float],
                   std: Sequence[float], images_per_class: int, num_classes: int,
-                  population_options: dict[str, Any], unroll: bool):
+                  population_options: dict[str, Any]):
   """``(nets, data, images) -> (nets, metrics)``: the nets' steps after an image update, or
   None when the method does not train them."""
   if method.net_data == "none" or method.net_steps == 0:
@@ -427,8 +425,7 @@ def _net_training(method: Method, apply_fn: train_lib.ApplyFn,
     batch_size = min(batch_size, num_classes * images_per_class * method.factor ** 2)
   step = train_lib.make_train_step(apply_fn, optimizer, batch_size=batch_size, augment=None,
                                    mix=mix)
-  run = train_lib.repeat(population.run(step, **population_options), method.net_steps,
-                         unroll=unroll)
+  run = train_lib.repeat(population.run(step, **population_options), method.net_steps)
 
   def train_nets(nets, data, images):
     if method.net_data == "real":

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtickets.errors import UserError
+from jaxtickets.models.conv import conv_general_dilated
 from jaxtickets.models.init import INITIALIZER_NAMES, get_initializer, pytorch_bias_init
 
 NORM_KINDS: tuple[str, ...] = ("batch", "batch_noaffine", "group", "instance", "none")
@@ -106,7 +107,7 @@ class Layers:
         dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=get_initializer(self.kernel_init),
         bias_init=pytorch_bias_init(kernel_size * kernel_size * x.shape[-1] // groups),
-        name=name)(x)
+        conv_general_dilated=conv_general_dilated, name=name)(x)
 
   def norm_layer(self, x: Array, *, train: bool, name: str) -> Array:
     """Normalizes x: f[B, H, W, C] (or f[B, C]) with the model's norm kind; identity for "none".

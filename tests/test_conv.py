@@ -1,0 +1,90 @@
+"""models.conv: the models' convolution equals lax's to second order, and keeps loop bodies on
+XLA:CPU's Eigen path (compiled.noncanonical_convolutions)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtickets import compiled
+from jaxtickets import train as train_lib
+from jaxtickets.models import conv, get_model
+
+from assertions import assert_fast_in_a_loop
+
+CANONICAL = ("NHWC", "HWIO", "NHWC")
+
+
+def _functions(conv_fn, stride, padding):
+  """The conv, a scalar loss of it, and the loss's kernel gradient's norm (second order)."""
+  apply = functools.partial(conv_fn, window_strides=(stride, stride), padding=padding,
+                            dimension_numbers=CANONICAL)
+
+  def loss(x, kernel):
+    return jnp.sum(jnp.sin(apply(x, kernel)))
+
+  def kernel_gradient_norm(x, kernel):
+    return jnp.sum(jax.grad(loss, argnums=1)(x, kernel) ** 2)
+
+  return apply, loss, kernel_gradient_norm
+
+
+@pytest.mark.parametrize("size,window,stride,padding", [
+    (8, 3, 1, "SAME"), (9, 3, 2, ((1, 1), (1, 1))), (8, 1, 2, "VALID"),
+    (10, 5, 1, ((2, 2), (2, 2))), (7, 7, 2, ((3, 3), (3, 3))), (8, 3, 1, ((0, 2), (1, 0)))])
+def test_conv_equals_lax_to_second_order(size, window, stride, padding):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  kernel = jax.random.normal(jax.random.key(1), (window, window, 3, 4))
+  ours = _functions(conv.conv_general_dilated, stride, padding)
+  lax_ = _functions(jax.lax.conv_general_dilated, stride, padding)
+  np.testing.assert_allclose(ours[0](x, kernel), lax_[0](x, kernel), rtol=1e-5, atol=1e-5)
+  for ours_grad, lax_grad in zip(jax.grad(ours[1], (0, 1))(x, kernel),
+                                 jax.grad(lax_[1], (0, 1))(x, kernel)):
+    np.testing.assert_allclose(ours_grad, lax_grad, rtol=1e-5, atol=1e-4)
+  second, second_lax = jax.grad(ours[2])(x, kernel), jax.grad(lax_[2])(x, kernel)
+  np.testing.assert_allclose(second, second_lax, rtol=1e-4,
+                             atol=1e-5 * float(jnp.max(jnp.abs(second_lax))))
+
+
+def test_conv_keeps_bfloat16():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.bfloat16)
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), jnp.bfloat16)
+  ours, loss, _ = _functions(conv.conv_general_dilated, 1, "SAME")
+  assert ours(x, kernel).dtype == jnp.bfloat16
+  dx, dkernel = jax.grad(loss, (0, 1))(x, kernel)
+  assert dx.dtype == dkernel.dtype == jnp.bfloat16
+  dx_lax, dkernel_lax = jax.grad(_functions(jax.lax.conv_general_dilated, 1, "SAME")[1],
+                                 (0, 1))(x, kernel)
+  np.testing.assert_allclose(np.float32(dx), np.float32(dx_lax), rtol=0.05, atol=0.05)
+  np.testing.assert_allclose(np.float32(dkernel), np.float32(dkernel_lax), rtol=0.05, atol=0.2)
+
+
+def _in_a_loop(fn, *args) -> list[str]:
+  """``noncanonical_convolutions`` of ``fn`` run twice in a loop (``lax.map``)."""
+  looped = jax.jit(lambda *a: jax.lax.map(lambda _: fn(*a), jnp.arange(2)))
+  return compiled.noncanonical_convolutions(looped.lower(*args).compile())
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU property")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradients_in_a_loop_stay_canonical_where_lax_gradients_do_not(stride):
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  for conv_fn, expect_canonical in ((jax.lax.conv_general_dilated, False),
+                                    (conv.conv_general_dilated, True)):
+    loss = _functions(conv_fn, stride, "SAME")[1]
+    noncanonical = _in_a_loop(jax.grad(loss, (0, 1)), x, kernel)
+    assert (noncanonical == []) == expect_canonical, conv_fn
+
+
+@pytest.mark.parametrize("name,options", [("convnet3", {"width": 8}), ("resnet20", {})])
+def test_training_loop_runs_every_convolution_on_eigen(digits, name, options):
+  model = get_model(name, num_classes=digits.num_classes, **options)
+  apply_fn = train_lib.model_apply_fn(model, digits.mean, digits.std)
+  optimizer = train_lib.sgd(0.01)
+  params, batch_stats = train_lib.init_variables(jax.random.key(0), model, digits.image_shape)
+  state = train_lib.create_train_state(jax.random.key(1), params, batch_stats, optimizer)
+  step = train_lib.make_train_step(apply_fn, optimizer, batch_size=8)
+  assert_fast_in_a_loop(step, state, train_lib.device_data(digits.train))
