@@ -23,6 +23,9 @@ XLA's ``ConvOperandSwapper`` turns a conv whose window is larger than its input 
 a 2x2 feature map; in second-order gradients, the input gradient of a kernel gradient) into a
 swapped form Eigen cannot run either; such inputs are padded explicitly first (``_eigen_conv``).
 ``compiled.noncanonical_convolutions`` checks the result in the tests.
+
+A custom VJP has no forward mode: on CPU, ``jax.jvp`` / ``jax.jacfwd`` through a model raise
+(reverse mode, to any order, works). Nothing in jaxtickets uses forward mode.
 """
 
 import functools
