@@ -585,19 +585,16 @@ def robust_accuracy(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree,
     {"clean_accuracy": f32[], "robust_accuracy": f32[]}.
   """
   num_examples = images_u8.shape[0]
-  batches, batch_labels, valid = data_lib.pad_to_batches(
-      images_u8, labels, min(batch_size, num_examples))
-  batch_keys = jax.random.split(key, batches.shape[0])
 
-  def evaluate_batch(inputs):
-    images, y, batch_key = inputs
+  def count_batch(images, y, valid, batch_key):
     clean_key, attack_key = jax.random.split(batch_key)
     x = data_lib.to_unit(images)
     logits, _ = apply_fn(params, batch_stats, x, False, clean_key)
-    correct = jnp.argmax(logits, -1) == y
+    correct = (jnp.argmax(logits, -1) == y) & valid
     fooled = attack(apply_fn, params, batch_stats, x, y, attack_key).success
-    return correct, correct & ~fooled
+    return jnp.sum(correct), jnp.sum(correct & ~fooled)
 
-  correct, robust = jax.lax.map(evaluate_batch, (batches, batch_labels, batch_keys))
-  return {"clean_accuracy": jnp.sum(correct & valid) / num_examples,
-          "robust_accuracy": jnp.sum(robust & valid) / num_examples}
+  correct, robust = data_lib.map_batches(count_batch, images_u8, labels,
+                                         min(batch_size, num_examples), key)
+  return {"clean_accuracy": jnp.sum(correct) / num_examples,
+          "robust_accuracy": jnp.sum(robust) / num_examples}

@@ -20,7 +20,8 @@ import dataclasses
 import io
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -633,3 +634,24 @@ def pad_to_batches(images: jax.Array | np.ndarray, labels: jax.Array | np.ndarra
   valid = jnp.arange(num_batches * batch_size) < count
   return (images.reshape(num_batches, batch_size, *images.shape[1:]),
           labels.reshape(num_batches, batch_size), valid.reshape(num_batches, batch_size))
+
+
+def map_batches(fn: Callable[..., Any], images: jax.Array | np.ndarray,
+                labels: jax.Array | np.ndarray, batch_size: int,
+                key: jax.Array | None = None) -> Any:
+  """``fn`` over a whole split in padded batches (:func:`pad_to_batches`), run by ``lax.map``,
+  so a split of any size compiles once.
+
+  Args:
+    fn: ``(images u8[B, H, W, C], labels i32[B], valid bool[B], key) -> outputs`` (a pytree).
+    images: u8[N, H, W, C].
+    labels: i32[N].
+    batch_size: B.
+    key: PRNG key; batch b gets ``jax.random.split(key, nb)[b]`` (None: ``fn`` gets None).
+
+  Returns:
+    ``fn``'s outputs stacked on a leading axis of nb = ceil(N / B) batches.
+  """
+  batches, batch_labels, valid = pad_to_batches(images, labels, batch_size)
+  keys = None if key is None else jax.random.split(key, batches.shape[0])
+  return jax.lax.map(lambda inputs: fn(*inputs), (batches, batch_labels, valid, keys))

@@ -449,16 +449,14 @@ def _mean_over_split(per_example: Callable[[jax.Array, jax.Array, jax.Array], ja
     f32[...].
   """
   num_examples = data.labels.shape[0]
-  batches, labels, valid = data_lib.pad_to_batches(data.images, data.labels,
-                                                   even_batch_size(num_examples, batch_size))
-  keys = jax.random.split(key, batches.shape[0])
 
-  def batch_total(inputs):
-    images, y, batch_valid, batch_key = inputs
+  def batch_total(images, y, valid, batch_key):
     values = per_example(data_lib.to_unit(images), y, batch_key)
-    return jnp.sum(jnp.where(batch_valid, values, 0.0), axis=-1)
+    return jnp.sum(jnp.where(valid, values, 0.0), axis=-1)
 
-  return jnp.sum(jax.lax.map(batch_total, (batches, labels, valid, keys)), axis=0) / num_examples
+  totals = data_lib.map_batches(batch_total, data.images, data.labels,
+                                even_batch_size(num_examples, batch_size), key)
+  return jnp.sum(totals, axis=0) / num_examples
 
 
 def _correct_per_member(model_apply_fn: train_lib.ApplyFn, params: PyTree, batch_stats: PyTree,

@@ -216,14 +216,12 @@ def predict(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree, images: jax.
     size compiles once.
   """
   num_examples = images.shape[0]
-  batch_size = min(batch_size, num_examples)
-  labels = jnp.zeros((num_examples,), jnp.int32)
-  batches, _, _ = data_lib.pad_to_batches(images, labels, batch_size)
 
-  def logits_of(batch):
+  def logits_of(batch, *_):
     return apply_fn(params, batch_stats, data_lib.to_unit(batch), False)[0]
 
-  logits = jax.lax.map(logits_of, batches)
+  logits = data_lib.map_batches(logits_of, images, jnp.zeros((num_examples,), jnp.int32),
+                                min(batch_size, num_examples))
   return logits.reshape(-1, logits.shape[-1])[:num_examples]
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from assertions import assert_fast_in_a_loop, assert_one_line_user_error
+from assertions import assert_fast_in_a_loop, assert_one_line_user_error, host_waits_of
 
 from experiments import aws as runner
 from experiments.configs import aws as aws_configs
@@ -284,6 +284,8 @@ def test_barrier_of_a_model_with_itself_is_zero(network, trained, data):
   other = aws.initialized_norms(params)
   moved = lmc.connectivity(curve, params, mask, other, mask, batch_stats, *data, KEY)
   assert len(set(moved["errors"])) > 1
+  # Its recalibration and evaluation loops have static trip counts (no GPU host waits).
+  assert host_waits_of(curve, params, other, batch_stats, *data, KEY) == []
   # A single network evaluated alone gives the curve's endpoint.
   statistics = lmc.recalibrate(apply_fn, params, batch_stats, data[0], KEY, batch_size=100)
   alone = 1 - train_lib.evaluate(apply_fn, params, statistics, data[1])["accuracy"]

@@ -336,3 +336,18 @@ def test_pad_to_batches_roundtrip(digits, num_examples):
   np.testing.assert_array_equal(np.asarray(batched_images).reshape(-1, 8, 8, 1)[mask], images)
   np.testing.assert_array_equal(np.asarray(batched_labels).ravel()[mask], labels)
   assert not np.asarray(batched_images).reshape(-1, 8, 8, 1)[~mask].any()
+
+
+def test_map_batches_sees_every_example_once_with_its_own_key_per_batch(digits):
+  images, labels = digits.test.images[:37], digits.test.labels[:37]
+
+  def per_batch(batch_images, batch_labels, valid, key):
+    pixels = jnp.sum(jnp.where(valid[:, None, None, None], batch_images.astype(jnp.int32), 0))
+    return pixels, jnp.sum(jnp.where(valid, batch_labels, 0)), jnp.sum(valid), key
+
+  pixels, label_sum, counts, keys = data.map_batches(per_batch, images, labels, 8,
+                                                     jax.random.key(3))
+  assert int(pixels.sum()) == int(images.astype(np.int64).sum())
+  assert int(label_sum.sum()) == int(labels.sum()) and counts.tolist() == [8, 8, 8, 8, 5]
+  np.testing.assert_array_equal(jax.random.key_data(keys),
+                                jax.random.key_data(jax.random.split(jax.random.key(3), 5)))
