@@ -29,7 +29,8 @@ images held in device memory), so no dataset needs to be prepared:
    images and on IDC's decoded ``mix`` start, so the bfloat16 speed is not bought with accuracy.
 
 ``--quick`` shrinks everything (16x16 images, width 8, 2 inner iterations, 1 net step, N = 1
-and 2; precision on digits for 2 epochs) to run on a 2-core CPU in under 2 minutes; its numbers only show that the benchmark runs.
+and 2; precision on digits for 2 epochs) to run on a 2-core CPU in under 2 minutes; its numbers
+only show that the benchmark runs.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@
 whose trip count it cannot infer by copying the predicate to the host and blocking until the
 device has caught up, once per conditional and per loop iteration (``ConditionalThunk`` /
 ``WhileThunk``). The device then idles while the host launches the next kernels: in a small
-network's training step that wait can cost as much as the step. Loops with a static trip count (``lax.scan``, ``fori_loop``
-with static bounds) run without it. :func:`host_waits` lists such operations from the optimized
-HLO of any backend's compiled program, so that tests can keep them out of every step on CPU.
+network's training step that wait can cost as much as the step. Loops with a static trip count
+(``lax.scan``, ``fori_loop`` with static bounds) run without it. :func:`host_waits` lists such
+operations from the optimized HLO of any backend's compiled program, so that tests can keep
+them out of every step on CPU.
 
 **Naive convolutions (CPU).** XLA:CPU runs a convolution through Eigen only in NHWC / HWIO /
 NHWC form, and rewrites the others into it only outside loop bodies; inside a loop they run on

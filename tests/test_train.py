@@ -51,8 +51,8 @@ def test_cross_entropy_of_uniform_logits_is_log_k():
 
 def _run_cli(*args, check=True, env_extra=None, prelude=""):
   """Runs the dense CLI in a fresh interpreter; ``prelude`` is Python executed before it."""
-  code = prelude + "from experiments import dense, cli; from experiments.configs import dense as c;" \
-      " cli.main(dense.train_and_evaluate, c)"
+  code = (prelude + "from experiments import dense, cli; from experiments.configs import dense "
+          "as c; cli.main(dense.train_and_evaluate, c)")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
   env.pop("XLA_FLAGS", None)
   result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
@@ -137,4 +137,5 @@ def test_overrides_may_add_model_options_but_no_other_keys():
   cli.apply_overrides(config, ["model_options.depth=2", "epochs=3"])
   assert config.model_options.depth == 2 and config.epochs == 3
   for override in ("no_such_key=1", "epochs.sub=1", "attack.eps=1"):
-    assert_one_line_user_error(lambda: cli.apply_overrides(config, [override]), "unknown config key")
+    assert_one_line_user_error(lambda: cli.apply_overrides(config, [override]),
+                               "unknown config key")
