@@ -48,6 +48,25 @@ def test_conv_equals_lax_to_second_order(size, window, stride, padding):
                              atol=1e-5 * float(jnp.max(jnp.abs(second_lax))))
 
 
+@pytest.mark.parametrize("shapes,options", [
+    (((2, 9, 3), (3, 3, 4)), {"dimension_numbers": ("NWC", "WIO", "NWC")}),  # 1-D
+    (((2, 8, 8, 6), (3, 3, 2, 6)), {"dimension_numbers": CANONICAL, "feature_group_count": 3}),
+    (((2, 8, 8, 3), (3, 3, 3, 4)), {"dimension_numbers": CANONICAL, "rhs_dilation": (2, 2)}),
+    (((2, 3, 8, 8), (4, 3, 3, 3)), {"dimension_numbers": None}),  # NCHW / OIHW
+])
+def test_other_convolutions_are_lax_itself(shapes, options):
+  x, kernel = (jax.random.normal(jax.random.key(i), shape) for i, shape in enumerate(shapes))
+  spatial = len(shapes[0]) - 2
+
+  def loss(conv_fn, x, kernel):
+    return jnp.sum(jnp.sin(conv_fn(x, kernel, (1,) * spatial, "SAME", **options)))
+
+  for ours, theirs in zip(jax.grad(functools.partial(loss, conv.conv_general_dilated), (0, 1))(
+      x, kernel), jax.grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1))(
+          x, kernel)):
+    np.testing.assert_array_equal(ours, theirs)
+
+
 def test_conv_keeps_bfloat16():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.bfloat16)
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), jnp.bfloat16)

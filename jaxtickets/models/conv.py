@@ -116,10 +116,11 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None) -> jax.Array:
-  """``lax.conv_general_dilated``'s signature; :func:`canonical_conv` where it applies (CPU)."""
-  spatial = lhs.ndim - 2
+  """``lax.conv_general_dilated``'s signature; :func:`canonical_conv` where it applies (CPU,
+  2-D NHWC / HWIO, no dilation, one group, default precision)."""
   canonical = (
-      jax.default_backend() == "cpu" and lax.conv_dimension_numbers(
+      jax.default_backend() == "cpu" and lhs.ndim == rhs.ndim == 4
+      and lax.conv_dimension_numbers(
           lhs.shape, rhs.shape, dimension_numbers) == lax.conv_dimension_numbers(
               lhs.shape, rhs.shape, _CANONICAL)
       and feature_group_count == 1 and batch_group_count == 1
@@ -130,6 +131,6 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type)
   if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:spatial], window_strides, padding)
+    padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], window_strides, padding)
   return canonical_conv(lhs, rhs, tuple(window_strides),
                         tuple((int(lo), int(hi)) for lo, hi in padding))
