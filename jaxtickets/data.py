@@ -492,7 +492,7 @@ def _mix32(x: jax.Array) -> jax.Array:
 # make that ~6e-8 per pair and pass the uniformity tests of tests/test_data.py on tiny splits
 # (8 already do). The 6 lg N rounds that prove the whole permutation indistinguishable from a
 # uniform one against an adversary (Hoang, Morris, Rogaway, CRYPTO 2012) would be 96 on CIFAR-10,
-# for no visible gain in training and longer compiles of loops unrolled on XLA:CPU.
+# for no visible gain in training and 4x the hashing in every step.
 _SHUFFLE_ROUNDS = 24
 
 
