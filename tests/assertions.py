@@ -18,16 +18,21 @@ def assert_one_line_user_error(call, *fragments: str) -> None:
     assert fragment in message
 
 
+def program_of(fn, *args) -> jax.stages.Compiled:
+  """``jax.jit(fn)`` compiled for ``args``, for ``jaxtickets.compiled``'s checks."""
+  return jax.jit(fn).lower(*args).compile()
+
+
 def host_waits_of(fn, *args) -> list[str]:
   """``compiled.host_waits`` of ``jax.jit(fn)`` compiled for ``args``."""
-  return compiled.host_waits(jax.jit(fn).lower(*args).compile())
+  return compiled.host_waits(program_of(fn, *args))
 
 
 def assert_fast_in_a_loop(step, state, data) -> None:
   """Two ``step``s in a loop, as ``loop.fit`` compiles them, hold no conditional and no loop of
   data-dependent length (on a GPU each would stop the host once per step) and, on CPU, no
   convolution off Eigen's layout (~100x slower in a loop); see ``jaxtickets.compiled``."""
-  program = jax.jit(train_lib.repeat(step, 2)).lower(state, data).compile()
+  program = program_of(train_lib.repeat(step, 2), state, data)
   assert compiled.host_waits(program) == []
   if jax.default_backend() == "cpu":
     assert compiled.noncanonical_convolutions(program) == []

@@ -12,7 +12,7 @@ from jaxtickets import compiled
 from jaxtickets import train as train_lib
 from jaxtickets.models import conv, get_model
 
-from assertions import assert_fast_in_a_loop
+from assertions import assert_fast_in_a_loop, program_of
 
 CANONICAL = ("NHWC", "HWIO", "NHWC")
 
@@ -82,8 +82,8 @@ def test_conv_keeps_bfloat16():
 
 def _in_a_loop(fn, *args) -> list[str]:
   """``noncanonical_convolutions`` of ``fn`` run twice in a loop (``lax.map``)."""
-  looped = jax.jit(lambda *a: jax.lax.map(lambda _: fn(*a), jnp.arange(2)))
-  return compiled.noncanonical_convolutions(looped.lower(*args).compile())
+  looped = lambda *a: jax.lax.map(lambda _: fn(*a), jnp.arange(2))
+  return compiled.noncanonical_convolutions(program_of(looped, *args))
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU property")
