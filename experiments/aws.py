@@ -33,7 +33,7 @@ import numpy as np
 
 from experiments import build, cli
 from experiments.configs import aws as aws_configs
-from jaxtickets import aws, checkpoint, lmc, loop, population, tickets
+from jaxtickets import aws, checkpoint, errors, lmc, loop, population, tickets
 from jaxtickets import data as data_lib
 from jaxtickets import report as report_lib
 from jaxtickets import train as train_lib
@@ -55,11 +55,6 @@ def seed_key(config: ml_collections.ConfigDict, purpose: str, *indices: int) -> 
   return key
 
 
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise UserError(f"{name}={value!r}; expected an int >= {minimum}")
-
-
 def _check_names(name: str, values: Any, known: Sequence[str]) -> None:
   if isinstance(values, str) or not len(values) or len(set(values)) != len(values) or (
       set(values) - set(known)):
@@ -74,25 +69,26 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     The pruning rounds whose tickets are transferred (one per ``transfer.densities`` entry).
   """
   _check_names("methods", config.methods, aws.METHODS)
+  build.check_population_options(config)
   pruning = config.pruning
   aws.check_rounds(pruning.rounds)
   aws.check_fraction(pruning.fraction)
   if pruning.rewind not in aws.REWINDS:
     raise UserError(f"unknown pruning.rewind {pruning.rewind!r}; known: {', '.join(aws.REWINDS)}")
-  _check_positive_int("pruning.warmup_epochs", pruning.warmup_epochs, minimum=0)
-  _check_positive_int("pruning.epochs_per_round", pruning.epochs_per_round)
-  _check_positive_int("epochs", config.epochs)
-  _check_positive_int("eval_every_epochs", config.eval_every_epochs)
+  errors.check_int("pruning.warmup_epochs", pruning.warmup_epochs, minimum=0)
+  errors.check_int("pruning.epochs_per_round", pruning.epochs_per_round)
+  errors.check_int("epochs", config.epochs)
+  errors.check_int("eval_every_epochs", config.eval_every_epochs)
   transfer = config.transfer
-  _check_names("transfer.variants", transfer.variants, aws.TRANSFERS[:3])
+  _check_names("transfer.variants", transfer.variants, aws.TRAINED_TRANSFERS)
   if not len(transfer.seeds) or len(set(transfer.seeds)) != len(transfer.seeds) or any(
       isinstance(seed, bool) or not isinstance(seed, int) for seed in transfer.seeds):
     raise UserError(f"transfer.seeds={transfer.seeds!r}; expected a non-empty sequence of "
                     f"distinct ints")
   if transfer.population_size is not None:
-    _check_positive_int("transfer.population_size", transfer.population_size)
-  _check_positive_int("lmc.num_points", config.lmc.num_points, minimum=2)
-  _check_positive_int("lmc.batch_size", config.lmc.batch_size)
+    errors.check_int("transfer.population_size", transfer.population_size)
+  errors.check_int("lmc.num_points", config.lmc.num_points, minimum=2)
+  errors.check_int("lmc.batch_size", config.lmc.batch_size)
   return aws.rounds_for_densities(transfer.densities, pruning.rounds, pruning.fraction)
 
 
@@ -119,13 +115,22 @@ class Context:
   progress: bool
 
 
-def make_context(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+def make_context(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                  progress: bool) -> Context:
+  """Loads the data, builds and initializes the model, then claims ``workdir``.
+
+  Raises:
+    UserError: data or a model that the config's stages cannot use (checked before the claim).
+  """
   dataset = build.dataset(config)
   for split, share in (("train", config.train_subset), ("test", config.test_subset)):
     if share is not None:
       subset = data_lib.subsample(getattr(dataset, split), share, seed=config.seed)
       dataset = dataclasses.replace(dataset, **{split: subset})
+  num_train = len(dataset.train.labels)
+  if (config.lmc.init_norm or config.lmc.transfer_pairs) and config.lmc.batch_size > num_train:
+    raise UserError(f"lmc.batch_size={config.lmc.batch_size} exceeds the {num_train} training "
+                    "images its BatchNorm recalibration passes over")
   model = build.model(config, dataset.num_classes)
   seeds = tuple(config.transfer.seeds)
   keys = [seed_key(config, "model_init")] + [seed_key(config, "transfer_init", seed)
@@ -134,17 +139,18 @@ def make_context(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   variables = population.init(
       lambda key: train_lib.init_variables(key, model, dataset.image_shape), jnp.stack(keys))
   (params, batch_stats), *fresh = population.unstack(variables)
+  if "aws" in config.methods and not any(jax.tree.leaves(aws.norm_leaves(params))):
+    raise UserError(f"AWS interpolates norm params, and model {config.model!r} with "
+                    f"norm={config.model_options.get('norm')!r} has none")
   model_apply_fn = train_lib.model_apply_fn(model, dataset.mean, dataset.std)
-  if config.strategy is None:
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
-    run_options = population.default_strategy(config.model, num_params)
-  else:
-    run_options = {"strategy": config.strategy, "chunk_size": config.chunk_size}
+  run_options = build.population_options(config, params)
 
   def member_accuracy(params, batch_stats, test):
     return train_lib.evaluate(model_apply_fn, params, batch_stats, test)["accuracy"]
 
   accuracy = jax.jit(population.run(member_accuracy, member_axes=(0, 0), **run_options))
+  # Claimed only now: a config the data or the model refuses leaves no workdir behind.
+  workdir = checkpoint.claim_workdir(workdir, config.to_dict())
   return Context(
       config=config, workdir=workdir, dataset=dataset,
       train=train_lib.device_data(dataset.train), test=train_lib.device_data(dataset.test),
@@ -312,13 +318,16 @@ def lmc_stage(context: Context, pruning: Pruning, members: Sequence[Member],
                                augment=build.augment(config), **context.run_options)
   key = seed_key(config, "lmc")
 
-  def connectivity(name: str, params_a, mask_a, params_b, mask_b) -> dict[str, Any]:
+  def row(name: str, round_index: int, params_a, mask_a, params_b, mask_b) -> dict[str, Any]:
+    """The curve from ``a`` to ``b`` at a round (``mask_a``'s density), cached by ``name``."""
     if name not in cache:
       cache[name] = lmc.connectivity(curve, params_a, mask_a, params_b, mask_b,
                                      context.batch_stats, context.train, context.test, key)
       cache_path.parent.mkdir(exist_ok=True)
       cache_path.write_text(json.dumps(cache, indent=1) + "\n")
-    return cache[name]
+    return {"round": round_index,
+            "density": tickets.sparsity_report(mask_a, context.prunable)["density"],
+            **cache[name]}
 
   results: dict[str, Any] = {}
   if config.lmc.init_norm:
@@ -328,10 +337,8 @@ def lmc_stage(context: Context, pruning: Pruning, members: Sequence[Member],
       for round_index, states in enumerate(pruning.trained[1:], start=1):
         params = population.select(states.train.params, index)
         mask = population.select(states.mask, index)
-        rows.append({"round": round_index,
-                     "density": tickets.sparsity_report(mask, context.prunable)["density"],
-                     **connectivity(f"init_norm/{method}/{round_index}", params, mask,
-                                    aws.initialized_norms(params), mask)})
+        rows.append(row(f"init_norm/{method}/{round_index}", round_index, params, mask,
+                        aws.initialized_norms(params), mask))
       results["init_norm"][method] = rows
   variants = config.transfer.variants
   if config.lmc.transfer_pairs and "sign" in variants and "retrain" in variants:
@@ -342,13 +349,9 @@ def lmc_stage(context: Context, pruning: Pruning, members: Sequence[Member],
       for round_index in sorted({m.round for m in members if m.source == method}):
         a, b = (members.index(Member(method, variant, round_index, seed))
                 for variant in ("sign", "retrain"))
-        mask = population.select(finals.mask, a)
-        rows.append({"round": round_index,
-                     "density": tickets.sparsity_report(mask, context.prunable)["density"],
-                     **connectivity(f"sign_vs_retrain/{method}/{round_index}",
-                                    population.select(finals.train.params, a), mask,
-                                    population.select(finals.train.params, b),
-                                    population.select(finals.mask, b))})
+        rows.append(row(f"sign_vs_retrain/{method}/{round_index}", round_index,
+                        *population.select((finals.train.params, finals.mask), a),
+                        *population.select((finals.train.params, finals.mask), b)))
       results["sign_vs_retrain"][method] = rows
   return results
 
@@ -383,11 +386,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     The results written to ``workdir/results.json``.
   """
   transfer_rounds = check_config(config)
-  workdir = checkpoint.claim_workdir(workdir, config.to_dict())
   context = make_context(config, workdir, progress)
   pruning = pruning_stage(context)
   members, finals, accuracies = transfer_stage(context, pruning, transfer_rounds)
   member_densities = densities_of(finals.mask, context.prunable)
+  trained_densities = [densities_of(states.mask, context.prunable) for states in pruning.trained]
+  ticket_densities = [densities_of(mask, context.prunable) for _, _, mask in pruning.tickets]
   results = {
       "dataset": context.dataset.name, "model": config.model,
       "num_params": int(sum(leaf.size for leaf in jax.tree.leaves(context.params))),
@@ -402,20 +406,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                  "per_round": config.pruning.epochs_per_round, "transfer": config.epochs},
       "pruning": {
           method: {
-              "density": [densities_of(states.mask, context.prunable)[index]
-                          for states in pruning.trained],
+              "density": [densities[index] for densities in trained_densities],
               "test_accuracy": [records[-1]["test_accuracy"][index] if records else None
                                 for records in pruning.records],
-              "ticket_density": [densities_of(mask, context.prunable)[index]
-                                 for _, _, mask in pruning.tickets],
+              "ticket_density": [densities[index] for densities in ticket_densities],
           } for index, method in enumerate(config.methods)},
       "transfer": transfer_results(members, member_densities, accuracies),
       "barriers": lmc_stage(context, pruning, members, finals),
   }
   results["findings"] = findings(results)
   results = jsonable(results)
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  report = report_lib.Report(workdir, f"A Winning Sign: {config.model} on {context.dataset.name}")
+  (context.workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  report = report_lib.Report(context.workdir,
+                             f"A Winning Sign: {config.model} on {context.dataset.name}")
   add_report_sections(report, results)
   report.write()
   return results

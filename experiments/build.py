@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import ml_collections
 import optax
 
 from jaxtickets import data as data_lib
-from jaxtickets import models
+from jaxtickets import models, population
 from jaxtickets import train as train_lib
+from jaxtickets import errors
 from jaxtickets.errors import UserError
 
 AUGMENTS = {"none": None, "crop_flip": train_lib.crop_flip}
@@ -30,6 +34,7 @@ def augment(config: ml_collections.ConfigDict) -> train_lib.Augment | None:
 
 
 def schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  errors.check_int("epochs", config.epochs)
   if config.schedule == "cosine":
     return train_lib.cosine_schedule(config.learning_rate, config.epochs * steps_per_epoch)
   if config.schedule == "multistep":
@@ -44,3 +49,20 @@ def optimizer(config: ml_collections.ConfigDict,
               steps_per_epoch: int) -> optax.GradientTransformation:
   return train_lib.sgd(schedule(config, steps_per_epoch), momentum=config.momentum,
                        weight_decay=config.weight_decay)
+
+
+def population_options(config: ml_collections.ConfigDict, params: Any,
+                       model_name: str | None = None) -> dict[str, Any]:
+  """``population.run`` options: the config's ``strategy`` (and ``chunk_size``), or with
+  ``strategy`` None the measured default for ``model_name`` (default ``config.model``) of
+  ``params``' size (one member's params)."""
+  if config.strategy is None:
+    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
+    return population.default_strategy(model_name or config.model, num_params)
+  return {"strategy": config.strategy, "chunk_size": config.get("chunk_size")}
+
+
+def check_population_options(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for a bad ``strategy``/``chunk_size`` before anything is loaded."""
+  if config.strategy is not None:
+    population.check_options(config.strategy, config.get("chunk_size"))

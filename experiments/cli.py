@@ -17,12 +17,14 @@ import ml_collections
 from jaxtickets.errors import UserError, exit_on_user_error
 
 
-def parse_value(text: str) -> Any:
-  """``"0.1" -> 0.1``, ``"[1, 2]" -> [1, 2]``, anything else stays a string."""
+def parse_value(text: str, field_type: type | None = None) -> Any:
+  """``"0.1" -> 0.1``, ``"[1, 2]" -> [1, 2]``, anything else stays a string; for a ``str``
+  field only a quoted literal or None is parsed (a directory named ``2024`` stays a string)."""
   try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
+    value = ast.literal_eval(text)
+  except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
     return text
+  return text if field_type is str and not isinstance(value, (str, type(None))) else value
 
 
 # Config nodes whose keys are free-form keyword options of a registry call (checked there, with
@@ -33,7 +35,8 @@ OPEN_NODES = ("model_options",)
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
   """Applies ``key.sub=value`` strings to ``config`` in place.
 
-  Unknown keys are a UserError, except new keys inside an :data:`OPEN_NODES` node.
+  Unknown keys and values of the wrong type are a UserError, except new keys inside an
+  :data:`OPEN_NODES` node.
   """
   for item in overrides:
     key, sep, value = item.partition("=")
@@ -48,7 +51,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     is_open = bool(parents) and parents[-1] in OPEN_NODES
     if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not is_open):
       raise UserError(f"unknown config key {key!r}")
-    node[leaf] = parse_value(value)
+    field_type = node.get_type(leaf) if leaf in node else None
+    try:
+      node[leaf] = parse_value(value, field_type)
+    except TypeError:
+      raise UserError(f"--set {item!r}: {key} expects a value of type "
+                      f"{field_type.__name__}") from None
 
 
 def load_config(configs: ModuleType, preset: str | None,

@@ -50,11 +50,20 @@ def seed_key(config: ml_collections.ConfigDict, purpose: str) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(config.seed), _KEY_PURPOSES.index(purpose))
 
 
+def _without_flip(strategy: str) -> str:
+  return "_".join(op for op in strategy.split("_") if op != "flip") or "none"
+
+
 def method_of(config: ml_collections.ConfigDict) -> methods.Method:
-  """The config's method with its non-None ``method_overrides``."""
+  """The config's method with its non-None ``method_overrides`` (and without flips where
+  ``config.flip`` is off)."""
   overrides = {name: value for name, value in config.method_overrides.to_dict().items()
                if value is not None}
-  return methods.get_method(config.method, config.ipc, **overrides)
+  method = methods.get_method(config.method, config.ipc, **overrides)
+  if config.flip:
+    return method
+  return dataclasses.replace(method, match_strategy=_without_flip(method.match_strategy),
+                             net_strategy=_without_flip(method.net_strategy))
 
 
 def outer_iterations(config: ml_collections.ConfigDict, method: methods.Method) -> int:
@@ -67,16 +76,18 @@ def outer_iterations(config: ml_collections.ConfigDict, method: methods.Method) 
 
 def protocol_of(config: ml_collections.ConfigDict) -> evaluate.Protocol:
   settings = config.eval
+  strategy = settings.strategy if config.flip else _without_flip(settings.strategy)
   return evaluate.Protocol(
       num_nets=settings.num_nets, epochs=settings.epochs, batch_size=settings.batch_size,
       learning_rate=settings.learning_rate, momentum=settings.momentum,
-      weight_decay=settings.weight_decay, strategy=settings.strategy,
+      weight_decay=settings.weight_decay, strategy=strategy,
       mix_probability=settings.mix_probability, checkpoint_every=settings.checkpoint_every)
 
 
 def check_config(config: ml_collections.ConfigDict) -> methods.Method:
   """Raises UserError for settings that are wrong before any data is read."""
   method = method_of(config)
+  build.check_population_options(config)
   for name in ("num_models", "pool_size", "checkpoint_every", "epochs", "batch_size"):
     synthetic.check_positive_int(name, config[name])
   if not 0 < config.train_fraction <= 1:
@@ -88,13 +99,6 @@ def check_config(config: ml_collections.ConfigDict) -> methods.Method:
   augment_models.check_magnitude(config.perturb_magnitude)
   protocol_of(config)
   return method
-
-
-def population_options(config: ml_collections.ConfigDict, params: PyTree) -> dict[str, Any]:
-  if config.strategy is None:
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
-    return population.default_strategy(config.model, num_params)
-  return {"strategy": config.strategy, "chunk_size": config.chunk_size}
 
 
 def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
@@ -128,7 +132,7 @@ def pretrain_pool(config: ml_collections.ConfigDict, method: methods.Method, mod
                        mean=dataset.mean, std=dataset.std)
   step = train_lib.make_train_step(apply_fn, optimizer, batch_size=config.batch_size,
                                    augment=None, mix=mix)
-  options = population_options(config, population.select(nets.params, 0))
+  options = build.population_options(config, population.select(nets.params, 0))
   nets, _ = loop.fit(population.run(step, **options), nets, train_lib.device_data(dataset.train),
                      num_steps=config.epochs * steps_per_epoch, eval_every=steps_per_epoch,
                      workdir=workdir / "pool", progress=progress, description="early-stage pool")
@@ -143,8 +147,8 @@ def distill_program(config: ml_collections.ConfigDict, method: methods.Method, m
                     ) -> tuple[Callable, methods.DistillState, methods.DistillData]:
   """The distillation's step (one inner iteration), initial state and device data."""
   num_classes = dataset.num_classes
-  net_optimizer = train_lib.sgd(config.learning_rate, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+  net_optimizer = train_lib.sgd(config.learning_rate, momentum=method.net_momentum,
+                                weight_decay=method.net_weight_decay)
   nets = augment_models.init_nets(seed_key(config, "nets"), model, dataset.image_shape,
                                   config.num_models, net_optimizer)
   step = methods.make_distill_step(
@@ -153,7 +157,7 @@ def distill_program(config: ml_collections.ConfigDict, method: methods.Method, m
       num_models=config.num_models,
       real_batch=methods.real_batch_size(method, dataset.train.labels, num_classes),
       net_optimizer=net_optimizer, magnitude=config.perturb_magnitude,
-      population_options=population_options(config, population.select(nets.params, 0)),
+      population_options=build.population_options(config, population.select(nets.params, 0)),
       model_map=config.model_map, class_map=config.class_map)
   initial = synthetic.init_images(config.seed, dataset.train.images, dataset.train.labels,
                                   num_classes, config.ipc, factor=method.factor,

@@ -34,12 +34,13 @@ import numpy as np
 
 from experiments import build, cli
 from experiments.configs import rst as rst_configs
-from jaxtickets import attacks, checkpoint, loop, population, rst, tickets
+from jaxtickets import attacks, checkpoint, errors, loop, population, rst, tickets
 from jaxtickets import data as data_lib
 from jaxtickets import report as report_lib
 from jaxtickets import train as train_lib
 from jaxtickets.errors import UserError
 from jaxtickets.metrics import jsonable
+from jaxtickets.models.init import get_initializer
 
 PyTree = Any
 # Test-split columns of the per-ticket tables, in order (apgd_dlr only with >= 3 classes).
@@ -62,16 +63,17 @@ def training_attack(config: ml_collections.ConfigDict) -> rst.TrainingAttack:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError for bad attack settings or keep ratios before anything is loaded."""
+  """Raises UserError for a bad setting of any stage before anything is loaded or trained."""
   training_attack(config)
   rst.keep_ratio_array(config.keep_ratios)
+  errors.check_int("epochs", config.epochs)
+  build.check_population_options(config)
+  get_initializer(config.weight_init)
   evaluation = config.eval
-  if not isinstance(evaluation.eps, (int, float)) or not evaluation.eps >= 0:
-    raise UserError(f"eval.eps={evaluation.eps!r}; expected a number >= 0")
-  for name in ("pgd_steps", "apgd_steps", "eot_samples", "every_epochs"):
-    value = evaluation[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise UserError(f"eval.{name}={value!r}; expected an int >= 1")
+  rst.evaluation_attacks(eps=evaluation.eps, step_size=evaluation.step_size,
+                         pgd_steps=evaluation.pgd_steps, apgd_steps=evaluation.apgd_steps)
+  for name in ("eot_samples", "every_epochs"):
+    errors.check_int(f"eval.{name}", evaluation[name])
   unknown = sorted(set(evaluation.attacks) - set(COLUMNS[1:]))
   if unknown or "pgd" not in evaluation.attacks:
     raise UserError(f"eval.attacks={tuple(evaluation.attacks)!r}; expected names among "
@@ -79,6 +81,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.finetune.init not in rst.FINETUNE_INITS:
     raise UserError(f"unknown finetune.init {config.finetune.init!r}; known: "
                     f"{', '.join(rst.FINETUNE_INITS)}")
+  if config.finetune.epochs > 0:
+    get_initializer(config.finetune.weight_init)
+    build.schedule(config.finetune, steps_per_epoch=1)
+  if config.dense_baseline.enabled:
+    # Which options a model takes does not depend on its number of classes.
+    build.model(config, 1, **config.dense_baseline.model_options.to_dict())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,13 +247,6 @@ def run_stage(context: Context, name: str, step: Callable, states: train_lib.Tra
   return StageResult(states, best.best, records, subnetworks)
 
 
-def population_options(config: ml_collections.ConfigDict, params: PyTree) -> dict[str, Any]:
-  if config.strategy is None:
-    num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
-    return population.default_strategy(config.model, num_params)
-  return {"strategy": config.strategy, "chunk_size": config.chunk_size}
-
-
 def ticket_network(config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
                    ) -> tuple[train_lib.ApplyFn, PyTree, PyTree]:
   """The RST network of ``config``: ``(model_apply_fn, params, batch_stats)`` at init."""
@@ -292,7 +293,7 @@ def search_stage(context: Context, name: str, attack: rst.TrainingAttack | None,
                               batch_size=config.batch_size, augment=build.augment(config),
                               attack=attack)
   population_step = rst.make_population_step(step, keep_ratios,
-                                             **population_options(config, params))
+                                             **build.population_options(config, params))
 
   def subnetworks(search_params):
     return rst.subnetworks(rst.ticket_of(search_params, keep_ratios), prunable)
@@ -315,7 +316,7 @@ def dense_stage(context: Context, attack: rst.TrainingAttack) -> tuple[StageResu
                                          batch_size=config.batch_size,
                                          augment=build.augment(config), attack=attack)
   evaluator = Evaluator(model_apply_fn, config, context.dataset.num_classes)
-  population_step = population.run(step, **population_options(config, params))
+  population_step = population.run(step, **build.population_options(config, params))
   result = run_stage(context, "dense", population_step, states, evaluator, lambda p: p,
                      config.epochs)
   return result, evaluator
@@ -346,7 +347,7 @@ def finetune_stage(context: Context, attack: rst.TrainingAttack,
   step = rst.make_finetune_step(model_apply_fn, optimizer, batch_size=config.batch_size,
                                 augment=build.augment(config), attack=attack)
   population_step = rst.make_population_step(
-      step, masks, **population_options(config, population.select(masks, 0)))
+      step, masks, **build.population_options(config, population.select(masks, 0)))
   subnetworks = jax.vmap(tickets.apply_mask)
   return run_stage(context, "finetune", population_step, states, evaluator,
                    lambda weights: subnetworks(weights, masks), settings.epochs)

@@ -37,7 +37,7 @@ import numpy as np
 
 from experiments import build, cli
 from experiments.configs import transfusion as transfusion_configs
-from jaxtickets import checkpoint, loop, metrics, models, population, similarity
+from jaxtickets import checkpoint, errors, loop, metrics, models, population, similarity
 from jaxtickets import data as data_lib
 from jaxtickets import report as report_lib
 from jaxtickets import train as train_lib
@@ -50,7 +50,7 @@ REGIMES = ("full", "reduced")
 MAIN_ARMS = ("random", "transfer", "meanvar", "gabor")
 SWEEP_ARMS = ("transfusion", "slim", "gabor")
 # Streams of randomness derived from the seed (see :func:`seed_key`).
-_KEY_PURPOSES = ("pretrain", "model_init", "arm", "train", "split")
+_KEY_PURPOSES = ("pretrain", "model_init", "arm", "train")
 _MAX_FILTERS = 16
 
 
@@ -142,20 +142,27 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
       if slim_arm(config, spec, regime) is not None:
         transfusion.check_num_blocks(config.slim_blocks, spec.block_names, arm="slim",
                                      minimum=1)
-        if not isinstance(config.slim_factor, (int, float)) or not config.slim_factor >= 1:
-          raise UserError(f"slim_factor={config.slim_factor!r}; expected a number >= 1")
+        errors.check_number("slim_factor", config.slim_factor, 1)
   if config.meanvar_norm_init not in transfusion.NORM_INITS:
     raise UserError(f"unknown meanvar_norm_init {config.meanvar_norm_init!r}; known: "
                     f"{', '.join(transfusion.NORM_INITS)}")
-  for name in ("seeds", "eval_every_steps"):
-    if isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 1:
-      raise UserError(f"{name}={config[name]!r}; expected an int >= 1")
-  if config.reduced_fraction is not None and not 0 < config.reduced_fraction < 1:
-    raise UserError(f"reduced_fraction={config.reduced_fraction!r}; expected a value in (0, 1) "
-                    "or None")
-  if not 0 < config.convergence_fraction <= 1:
-    raise UserError(f"convergence_fraction={config.convergence_fraction!r}; expected a value "
-                    "in (0, 1]")
+  for name in ("seeds", "eval_every_steps", "epochs"):
+    errors.check_int(name, config[name])
+  build.check_population_options(config)
+  if config.reduced_fraction is not None:
+    errors.check_number("reduced_fraction", config.reduced_fraction, 0, 1, strict=True)
+    if config.reduced_fraction == 1:
+      raise UserError("reduced_fraction=1 is the full regime; expected a value in (0, 1) or None")
+  errors.check_number("convergence_fraction", config.convergence_fraction, 0, 1, strict=True)
+  settings = config.similarity
+  if (isinstance(settings.methods, str) or not settings.methods
+      or set(settings.methods) - set(similarity.METHODS)):
+    raise UserError(f"similarity.methods={settings.methods!r}; expected one or more of "
+                    f"{', '.join(similarity.METHODS)} (the figure and findings use the first)")
+  errors.check_number("similarity.keep_variance", settings.keep_variance, 0, 1, strict=True)
+  errors.check_int("similarity.probe_size", settings.probe_size)
+  if settings.max_datapoints is not None:
+    errors.check_int("similarity.max_datapoints", settings.max_datapoints)
   return specs
 
 
@@ -211,7 +218,8 @@ class SourceModel:
         variables["params"], variables["batch_stats"], test)["accuracy"])
 
   def restore_given(self) -> tuple[dict[str, PyTree], int] | None:
-    """The variables and step of ``source.checkpoint_dir/<model>``, or None without one.
+    """The variables and step of ``source.checkpoint_dir/<model>`` (or of its ``pretrained``
+    folder: the layout of a previous run's ``pretrain/``), or None without one.
 
     Raises:
       UserError: the folder is missing or holds another architecture.
@@ -219,6 +227,8 @@ class SourceModel:
     if self.config.source.checkpoint_dir is None:
       return None
     directory = pathlib.Path(self.config.source.checkpoint_dir) / self.spec.name
+    if (directory / "pretrained").is_dir():
+      directory = directory / "pretrained"
     if not directory.is_dir():
       raise UserError(f"no pretrained checkpoint for model {self.spec.name!r}: {directory} is "
                       "not a directory")
@@ -300,9 +310,10 @@ def _auc_fn(apply_fn: train_lib.ApplyFn, splits: dict[str, train_lib.Data]
   """
 
   def aucs(params, batch_stats):
-    return {f"{name}_auc": metrics.roc_auc(
+    # One-vs-rest AUC ranks probabilities: for more than two classes logits rank differently.
+    return {f"{name}_auc": metrics.roc_auc(jax.nn.softmax(
         train_lib.predict(apply_fn, params, batch_stats, data.images,
-                          batch_size=data.images.shape[0]), data.labels)
+                          batch_size=data.images.shape[0])), data.labels)
             for name, data in splits.items()}
 
   return jax.jit(jax.vmap(aucs))
@@ -354,12 +365,8 @@ def train_population(context: Context, spec: ModelSpec, name: str,
   apply_fn = train_lib.model_apply_fn(model, target.mean, target.std)
   step = train_lib.make_train_step(apply_fn, optimizer, batch_size=config.batch_size,
                                    augment=build.augment(config))
-  num_params = sum(leaf.size for leaf in jax.tree.leaves(population.select(initial["params"],
-                                                                           0)))
-  if config.strategy is None:
-    options = population.default_strategy(spec.name, num_params)
-  else:
-    options = {"strategy": config.strategy}
+  options = build.population_options(config, population.select(initial["params"], 0),
+                                     spec.name)
   # The test AUC is logged at every evaluation too: one compiled call serves both splits; only
   # the last one is reported, and nothing is selected on it.
   aucs = _auc_fn(apply_fn, {"val": context.val, "test": context.test})
@@ -656,10 +663,10 @@ def findings(results: dict[str, Any]) -> str:
                  f"reaches {results['convergence_fraction']:.0%} of random init's final one, "
                  f"full data): " + "; ".join(speedups) + ".")
   changes = []
+  method = similarity_method(results)
   for model, result in results["similarity"].items():
     if result is None:
       continue
-    method = next(key for key in result if key != "layers")  # the first configured one
     curves = result[method]
     random_init = np.asarray(curves["random_init_vs_trained"])
     half = max(len(random_init) // 2, 1)
@@ -670,8 +677,9 @@ def findings(results: dict[str, Any]) -> str:
     changes.append(f"{model}: {listed} (random init: lower half {lower:.3f} vs upper half "
                    f"{upper:.3f}, {'confirmed' if lower > upper else 'NOT confirmed'})")
   if changes:
-    lines.append("- **Do lower layers change less?** SVCCA of each unit (lowest first) before "
-                 "vs after training (higher = changed less): " + " | ".join(changes) + ".")
+    lines.append(f"- **Do lower layers change less?** {method.upper()} of each unit (lowest "
+                 "first) before vs after training (higher = changed less): "
+                 + " | ".join(changes) + ".")
   return "\n".join(lines)
 
 
@@ -706,7 +714,15 @@ _PAIR_TITLES = {"random_init_vs_trained": "random: init vs trained",
                 "random_vs_random": "trained random vs random (2 seeds)"}
 
 
-def similarity_figure(results: dict[str, Any], method: str = "svcca") -> plt.Figure:
+def similarity_method(results: dict[str, Any]) -> str | None:
+  """The first configured similarity method (the one the findings and the figure show)."""
+  for result in results["similarity"].values():
+    if result:
+      return next(key for key in result if key != "layers")
+  return None
+
+
+def similarity_figure(results: dict[str, Any], method: str) -> plt.Figure:
   """``method`` similarity by unit (lowest left), one panel per model."""
   entries = [(model, result) for model, result in results["similarity"].items() if result]
   fig, axes = plt.subplots(1, len(entries), figsize=(5.5 * len(entries), 3.8), dpi=100,
@@ -765,9 +781,10 @@ def add_report_sections(report: report_lib.Report, results: dict[str, Any],
   report.figure("transfusion_convergence", convergence_figure(results),
                 "Validation ROC-AUC during training (mean over seeds; dotted: the convergence "
                 "threshold)")
-  if any(results["similarity"].values()):
-    report.figure("transfusion_cca_by_layer", similarity_figure(results),
-                  "SVCCA by unit (lowest left) on target test images")
+  method = similarity_method(results)
+  if method is not None:
+    report.figure("transfusion_cca_by_layer", similarity_figure(results, method),
+                  f"{method.upper()} by unit (lowest left) on target test images")
   if filters:
     report.figure("transfusion_conv1_filters", filter_figure(filters),
                   f"First-layer filters of {results['filters_model']} (seed 0)")

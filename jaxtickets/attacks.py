@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -43,6 +44,7 @@ import numpy as np
 import optax
 
 from jaxtickets import data as data_lib
+from jaxtickets import errors
 from jaxtickets.errors import UserError
 from jaxtickets.train import ApplyFn
 
@@ -251,18 +253,22 @@ def _with_restarts(run: Callable[[PyTree, jax.Array], tuple[jax.Array, PyTree]],
 
 
 def _check_options(*, eps: Any, norm: str, loss: str, num_steps: int, restarts: int,
-                   eot_samples: int) -> None:
-  """Raises UserError for an option outside its domain (traced ``eps`` is not checked)."""
+                   eot_samples: int, step_size: Any = None) -> None:
+  """Raises UserError for an option outside its domain (traced ``eps``/``step_size`` pass)."""
   if norm not in NORMS:
     raise UserError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
   if loss not in LOSSES:
     raise UserError(f"unknown attack loss {loss!r}; known: {', '.join(LOSSES)}")
-  if isinstance(eps, (int, float)) and not eps >= 0:
-    raise UserError(f"eps={eps!r}; expected a number >= 0")
+  concrete_eps = isinstance(eps, numbers.Real)
+  if concrete_eps:
+    errors.check_number("eps", eps, 0)
+  # A negative step descends the loss and a zero one never moves: both would report an inflated
+  # robust accuracy without any error.
+  if isinstance(step_size, numbers.Real) and not (concrete_eps and eps == 0):
+    errors.check_number("step_size", step_size, 0, strict=True)
   for option, value in (("num_steps", num_steps), ("restarts", restarts),
                         ("eot_samples", eot_samples)):
-    if not isinstance(value, (int, np.integer)) or value < 1:
-      raise UserError(f"{option}={value!r}; expected an int >= 1")
+    errors.check_int(option, value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,10 +309,11 @@ def pgd(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree, x: jax.Array, y:
     The :class:`AttackResult`.
 
   Raises:
-    UserError: unknown norm or loss, negative eps, non-positive counts.
+    UserError: unknown norm or loss, negative eps, a step size <= 0 (with eps > 0),
+      non-positive counts.
   """
   _check_options(eps=eps, norm=norm, loss=loss, num_steps=num_steps, restarts=restarts,
-                 eot_samples=eot_samples)
+                 eot_samples=eot_samples, step_size=step_size)
   loss_fn = _loss_fn(loss, kappa)
 
   def run(batch_stats, key):
@@ -568,15 +575,18 @@ def robust_accuracy(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree,
                     batch_size: int = 500) -> dict[str, jax.Array]:
   """Clean and robust accuracy of a whole split, in fixed-size padded batches.
 
-  An example counts as robust when the network (eval mode) classifies it correctly and the
-  attack fails on it. Batches run through ``lax.map``, so any split size compiles once; to reuse
-  that compilation across calls, jit a function that closes over ``apply_fn`` and ``attack``.
+  An example counts as robust when the network (eval mode) classifies its adversarial version
+  correctly, as RST's evaluation counts (``model(X + pgd_delta)`` against ``y``; an example
+  misclassified clean is almost never right after the attack). Batches run through
+  ``lax.map``, so any split size compiles once; to reuse that compilation across calls, jit a
+  function that closes over ``apply_fn`` and ``attack``.
 
   Args:
     apply_fn: the network.
     images_u8: u8[N, H, W, C].
     labels: i32[N].
-    key: PRNG key; batch b uses ``jax.random.split(key, num_batches)[b]``.
+    key: PRNG key; batch b is attacked with ``jax.random.split(key, num_batches)[b]`` (as in
+      ``rst.transfer_matrix``), and its clean pass gets that key folded with 1.
     attack: ``attack(apply_fn, params, batch_stats, x, y, key) -> AttackResult``, e.g. from
       :func:`get_attack`.
     batch_size: examples per batch (at most N).
@@ -587,12 +597,11 @@ def robust_accuracy(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree,
   num_examples = images_u8.shape[0]
 
   def count_batch(images, y, valid, batch_key):
-    clean_key, attack_key = jax.random.split(batch_key)
     x = data_lib.to_unit(images)
-    logits, _ = apply_fn(params, batch_stats, x, False, clean_key)
+    logits, _ = apply_fn(params, batch_stats, x, False, jax.random.fold_in(batch_key, 1))
     correct = (jnp.argmax(logits, -1) == y) & valid
-    fooled = attack(apply_fn, params, batch_stats, x, y, attack_key).success
-    return jnp.sum(correct), jnp.sum(correct & ~fooled)
+    fooled = attack(apply_fn, params, batch_stats, x, y, batch_key).success
+    return jnp.sum(correct), jnp.sum(valid & ~fooled)
 
   correct, robust = data_lib.map_batches(count_batch, images_u8, labels,
                                          min(batch_size, num_examples), key)

@@ -43,14 +43,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtickets import tickets
+from jaxtickets import paths, tickets
 from jaxtickets import train as train_lib
 from jaxtickets.errors import UserError
 
 PyTree = Any
 
 METHODS = ("lrr", "aws")
-TRANSFERS = ("sign", "mask", "retrain", "dense")
+TRAINED_TRANSFERS = ("sign", "mask", "retrain")  # transfers of a pruned network
+TRANSFERS = (*TRAINED_TRANSFERS, "dense")
 REWINDS = ("none", "init")
 # The share of the surviving weights each round removes (the reference's pruning_ratio).
 DEFAULT_FRACTION = 0.2
@@ -63,9 +64,7 @@ _NORM_INIT = {"scale": 1.0, "bias": 0.0}
 
 
 def _is_norm_leaf(path: Sequence[Any]) -> bool:
-  names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
-  return (len(names) > 1 and names[-1] in _NORM_INIT
-          and any("norm" in module.lower() for module in names[:-1]))
+  return paths.is_norm_param(paths.names(path))
 
 
 def norm_leaves(params: PyTree) -> PyTree:
@@ -88,7 +87,7 @@ def interpolate_norms(params: PyTree, alpha: float | jax.Array) -> PyTree:
     if not _is_norm_leaf(path):
       return leaf
     alpha_ = jnp.asarray(alpha, leaf.dtype)
-    initial = _NORM_INIT[str(getattr(path[-1], "key", path[-1]))]
+    initial = _NORM_INIT[paths.key_name(path[-1])]
     return alpha_ * initial + (1 - alpha_) * leaf
 
   return jax.tree.map_with_path(interpolate, params)
@@ -111,11 +110,18 @@ def aws_apply_fn(model_apply_fn: train_lib.ApplyFn, mask: PyTree,
     model_apply_fn: the plain network (``train.model_apply_fn``).
     mask: bool tree shaped like the params.
     aws: bool[] (may be traced: a population member's flag) or a Python bool.
+
+  Returns:
+    ``apply_fn(params, batch_stats, x, train, key=None)``; ``key`` is needed in train mode
+    unless ``aws`` is a Python False (e.g. for ``lmc.recalibrate``).
   """
 
   def apply_fn(params, batch_stats, x, train, key=None):
     params = tickets.apply_mask(params, mask)
-    if train:
+    if train and aws is not False:
+      if key is None:
+        raise UserError("an AWS network draws its interpolation point from a key in train "
+                        "mode; pass one")
       alpha = jnp.where(aws, jax.random.uniform(key), 0.0)
       params = interpolate_norms(params, alpha)
     return model_apply_fn(params, batch_stats, x, train, key)
@@ -249,7 +255,7 @@ def rounds_for_densities(densities: Sequence[float], rounds: int,
 
   Raises:
     UserError: a density outside (0, 1] or nearer to a round outside [1, rounds] (1.0 is the
-      dense network), or bad ``rounds``/``fraction``.
+      dense network), two densities nearest one round, or bad ``rounds``/``fraction``.
   """
   rounds, fraction = check_rounds(rounds), check_fraction(fraction)
   if isinstance(densities, (str, numbers.Number)) or not len(densities):
@@ -263,6 +269,9 @@ def rounds_for_densities(densities: Sequence[float], rounds: int,
     if not 1 <= k <= rounds:
       raise UserError(f"density {density!r} is nearest round {k} of a schedule of rounds "
                       f"1..{rounds} (densities {(1 - fraction):.3g}..{(1 - fraction)**rounds:.3g})")
+    if k in chosen:
+      raise UserError(f"densities {densities[chosen.index(k)]!r} and {density!r} are both "
+                      f"nearest round {k}; each would train the same ticket twice")
     chosen.append(k)
   return tuple(chosen)
 

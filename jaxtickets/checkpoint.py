@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxtickets import paths
 from jaxtickets.errors import UserError
 
 PyTree = Any
@@ -32,22 +33,34 @@ def claim_workdir(workdir: str | pathlib.Path, config: dict[str, Any]) -> pathli
   """
   workdir = pathlib.Path(workdir)
   config_path = workdir / "config.json"
+  partial = workdir / "config.json.partial"  # Written first, then renamed to config.json.
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"workdir {workdir} is a file, not a directory")
   if config_path.exists():
-    if _canonical(json.loads(config_path.read_text())) != _canonical(config):
+    try:
+      claimed = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      raise UserError(f"{config_path} is not readable JSON; use a new --workdir") from None
+    if _canonical(claimed) != _canonical(config):
       raise UserError(f"workdir {workdir} holds a run of a different config; "
                       "use a new --workdir or delete it")
     return workdir
-  if workdir.exists() and any(workdir.iterdir()):
+  if workdir.exists() and any(path != partial for path in workdir.iterdir()):
     raise UserError(f"workdir {workdir} is not empty and holds no config.json; "
                     "use a new --workdir")
-  workdir.mkdir(parents=True, exist_ok=True)
-  config_path.write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise UserError(f"cannot create workdir {workdir}: {error.strerror}") from None
+  # Written whole or not at all: a kill here must not leave a half-written claim behind.
+  partial.write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+  partial.replace(config_path)
   return workdir
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str:
   """orbax's name for a leaf: its keys, attribute names and indices joined by dots."""
-  return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return paths.joined(path, ".")
 
 
 def _leaf_specs(tree: PyTree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

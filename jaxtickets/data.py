@@ -257,6 +257,10 @@ def _load_npz(path: pathlib.Path) -> tuple[dict[str, Split], int]:
         else ("train", "test")
     read_split = _medmnist_split
   splits = {split: read_split(path, arrays, split) for split in split_names}
+  shapes = {split: data.images.shape[1:] for split, data in splits.items()}
+  if len(set(shapes.values())) > 1:
+    raise UserError(f"{path}: the splits' images differ in shape "
+                    f"({', '.join(f'{split} {shape}' for split, shape in shapes.items())})")
 
   max_label = max(int(split.labels.max(initial=-1)) for split in splits.values())
   if "classes" in arrays:

@@ -5,12 +5,33 @@ status 2; library callers get an ordinary ``ValueError`` subclass they can catch
 """
 
 import contextlib
+import numbers
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 
 class UserError(ValueError):
   """Bad input from a user: unknown names, wrong shapes, unprepared data, mismatched checkpoints."""
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+  """Raises UserError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    raise UserError(f"{name}={value!r}; expected an int >= {minimum}")
+
+
+def check_number(name: str, value: Any, minimum: float, maximum: float | None = None, *,
+                 strict: bool = False) -> None:
+  """Raises UserError naming ``name`` unless ``value`` is a real number >= ``minimum`` (> with
+  ``strict``) and, if given, <= ``maximum``; NaN and bools fail."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not (value > minimum if strict else value >= minimum)
+      or (maximum is not None and not value <= maximum)):
+    expected = f"{'>' if strict else '>='} {minimum}"
+    if maximum is not None:
+      expected = f"in {'(' if strict else '['}{minimum}, {maximum}]"
+    raise UserError(f"{name}={value!r}; expected a number {expected}")
 
 
 @contextlib.contextmanager

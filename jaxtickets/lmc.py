@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtickets import data as data_lib
-from jaxtickets import population
-from jaxtickets import tickets
+from jaxtickets import paths, population, tickets
 from jaxtickets import train as train_lib
 from jaxtickets.errors import UserError
 
@@ -58,9 +57,9 @@ def reset_batch_stats(batch_stats: PyTree) -> PyTree:
   """
 
   def reset(path: Sequence[Any], leaf: jax.Array) -> jax.Array:
-    name = str(getattr(path[-1], "key", path[-1]))
+    name = paths.key_name(path[-1])
     if name not in _RESET_STATISTICS:
-      raise UserError(f"batch_stats leaf {jax.tree_util.keystr(path)!r} is not a BatchNorm "
+      raise UserError(f"batch_stats leaf {paths.joined(path)!r} is not a BatchNorm "
                       f"'mean' or 'var'")
     return jnp.full_like(leaf, _RESET_STATISTICS[name])
 
@@ -147,9 +146,8 @@ def check_same_mask(mask_a: PyTree, mask_b: PyTree) -> None:
   for (path, keep_a), keep_b in zip(jax.tree.leaves_with_path(mask_a), jax.tree.leaves(mask_b)):
     differ = int(np.count_nonzero(np.asarray(keep_a) != np.asarray(keep_b)))
     if differ:
-      name = "/".join(str(getattr(key, "key", key)) for key in path)
-      raise UserError(f"linear mode connectivity needs one mask; leaf {name!r} differs in "
-                      f"{differ} entries")
+      raise UserError(f"linear mode connectivity needs one mask; leaf {paths.joined(path)!r} "
+                      f"differs in {differ} entries")
 
 
 def barrier(errors: Sequence[float] | np.ndarray) -> float:

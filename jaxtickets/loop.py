@@ -64,7 +64,8 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
     checkpointer = checkpoint_lib.Checkpointer(workdir / "checkpoints")
     if checkpointer.latest_step() is not None:
       state = checkpointer.restore(state)
-      log.truncate(_current_step(state))
+    # Records past the restored step (a kill between a record and its checkpoint) are redone.
+    log.truncate(_current_step(state))
   records = log.read() if log else []
   compiled: dict[int, Callable] = {}
   current = _current_step(state)

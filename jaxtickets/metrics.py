@@ -33,8 +33,9 @@ def roc_auc(scores: jax.Array, labels: jax.Array) -> jax.Array:
   """ROC-AUC, binary or one-vs-rest macro average.
 
   Args:
-    scores: f32[N] (score of the positive class) or f32[N, K] (per-class scores or logits; for
-      K = 2 the second column is the positive class).
+    scores: f32[N] (score of the positive class) or f32[N, K] (per-class scores; for K = 2
+      the second column is the positive class, and logits rank as probabilities do; for
+      K > 2 pass probabilities, as scikit-learn's one-vs-rest does: logits rank differently).
     labels: i32[N] in [0, K).
 
   Returns:

@@ -229,6 +229,18 @@ def shard(population: PyTree, mesh: Mesh | None = None) -> PyTree:
   return jax.device_put(population, sharding)
 
 
+def check_options(strategy: str, chunk_size: int | None = None, mesh: Mesh | None = None) -> None:
+  """Raises UserError for an unknown strategy or an option that does not apply to it."""
+  if strategy not in STRATEGIES:
+    raise UserError(f"unknown population strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+  if chunk_size is not None and (strategy != "map" or not isinstance(chunk_size, int)
+                                 or isinstance(chunk_size, bool) or chunk_size < 1):
+    raise UserError(f"chunk_size={chunk_size!r}; expected a positive int, with strategy 'map' "
+                    "only")
+  if mesh is not None and strategy != "shard":
+    raise UserError(f"a mesh applies to strategy 'shard' only, not {strategy!r}")
+
+
 def run(step: Callable[..., Any], *, strategy: str = "vmap", chunk_size: int | None = None,
         mesh: Mesh | None = None, member_axes: Sequence[int | None] = (0,)) -> Callable[..., Any]:
   """Turns a single-member ``step(state, *shared)`` into a step over a whole population.
@@ -256,14 +268,7 @@ def run(step: Callable[..., Any], *, strategy: str = "vmap", chunk_size: int | N
       called: N = 0, per-member arguments with different N, or (shard) N not divisible by the
       number of devices on the mesh axis.
   """
-  if strategy not in STRATEGIES:
-    raise UserError(f"unknown population strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-  if chunk_size is not None and (strategy != "map" or not isinstance(chunk_size, int)
-                                 or chunk_size < 1):
-    raise UserError(f"chunk_size={chunk_size!r}; expected a positive int, with strategy 'map' "
-                    "only")
-  if mesh is not None and strategy != "shard":
-    raise UserError(f"a mesh applies to strategy 'shard' only, not {strategy!r}")
+  check_options(strategy, chunk_size, mesh)
   member_axes = tuple(member_axes)
   if any(axis not in (0, None) for axis in member_axes) or 0 not in member_axes:
     raise UserError(f"member_axes={member_axes!r}; expected 0 (per member) or None (shared) per "

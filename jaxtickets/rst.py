@@ -44,6 +44,7 @@ import optax
 
 from jaxtickets import attacks
 from jaxtickets import data as data_lib
+from jaxtickets import errors
 from jaxtickets import population
 from jaxtickets import tickets
 from jaxtickets import train as train_lib
@@ -82,21 +83,6 @@ class Ticket(NamedTuple):
 # Validation
 
 
-def check_keep_ratio(keep_ratio: Any) -> None:
-  """Raises UserError unless every (concrete) keep ratio lies in (0, 1]; traced ones pass."""
-  if isinstance(keep_ratio, (bool, np.bool_)):
-    raise UserError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-  try:
-    values = np.asarray(keep_ratio, np.float64).reshape(-1)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return
-  except (TypeError, ValueError):
-    raise UserError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}") from None
-  bad = values[~((values > 0) & (values <= 1))]
-  if bad.size:
-    raise UserError(f"keep_ratio must be in (0, 1], got {float(bad[0])!r}")
-
-
 def check_ticket(ticket: Ticket, params: PyTree) -> None:
   """Raises UserError unless ``ticket`` fits a model whose params are ``params``.
 
@@ -108,7 +94,7 @@ def check_ticket(ticket: Ticket, params: PyTree) -> None:
                         reference_name="the model's params")
   tickets.check_matches(params, ticket.scores, what="ticket scores",
                         reference_name="the model's params")
-  check_keep_ratio(ticket.keep_ratio)
+  tickets.check_keep_ratio(ticket.keep_ratio)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +115,9 @@ class TrainingAttack:
   batch_norm: str = "update"
 
   def __post_init__(self):
-    if not isinstance(self.eps, (int, float)) or not self.eps >= 0:
-      raise UserError(f"attack eps={self.eps!r}; expected a number >= 0")
-    if not isinstance(self.step_size, (int, float)) or not self.step_size > 0:
-      raise UserError(f"attack step_size={self.step_size!r}; expected a number > 0")
-    if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or \
-        self.num_steps < 1:
-      raise UserError(f"attack num_steps={self.num_steps!r}; expected an int >= 1")
+    errors.check_number("attack eps", self.eps, 0)
+    errors.check_number("attack step_size", self.step_size, 0, strict=True)
+    errors.check_int("attack num_steps", self.num_steps)
     if self.batch_norm not in ATTACK_BATCH_NORM:
       raise UserError(f"unknown attack batch_norm {self.batch_norm!r}; known: "
                       f"{', '.join(ATTACK_BATCH_NORM)}")
@@ -166,7 +148,7 @@ def init_ticket(weight_key: jax.Array, score_key: jax.Array, params: PyTree,
   Raises:
     UserError: a keep ratio outside (0, 1], an unknown initializer, a non-kernel prunable leaf.
   """
-  check_keep_ratio(keep_ratio)
+  tickets.check_keep_ratio(keep_ratio)
   weights = tickets.reinit_weights(weight_key, params, prunable, weight_init)
   return Ticket(weights, tickets.init_scores(score_key, params, prunable), keep_ratio)
 
@@ -396,8 +378,11 @@ def evaluation_attacks(*, eps: float = 8 / 255, step_size: float = 2 / 255,
   ``pgd`` is RST's evaluation (PGD-20, random start, only still-correct inputs updated); ``cw``
   the same on the CW margin; ``apgd_ce`` and (with >= 3 classes) ``apgd_dlr`` AutoAttack's APGD.
   """
-  if not isinstance(pgd_steps, int) or pgd_steps < 1:
-    raise UserError(f"pgd_steps={pgd_steps!r}; expected an int >= 1")
+  # The attacks check their options when called; a config's typo should fail before training.
+  errors.check_number("eps", eps, 0)
+  errors.check_number("step_size", step_size, 0, strict=True)
+  errors.check_int("pgd_steps", pgd_steps)
+  errors.check_int("apgd_steps", apgd_steps)
   common = {"eps": eps, "step_size": step_size, "num_steps": pgd_steps, "early_stop": True}
   named = {"pgd": attacks.get_attack("pgd", **common), "cw": attacks.get_attack("cw", **common),
            "apgd_ce": attacks.get_attack("apgd-ce", eps=eps, num_steps=apgd_steps)}
@@ -412,6 +397,7 @@ def even_batch_size(num_examples: int, batch_size: int) -> int:
   Evaluations pad the last batch to a full one; this keeps the padding below one example per
   batch (359 examples at 500 per batch: one batch of 359, not 500).
   """
+  errors.check_int("examples in the evaluated split", num_examples)
   num_batches = -(-num_examples // max(1, min(batch_size, num_examples)))
   return -(-num_examples // num_batches)
 
@@ -545,12 +531,15 @@ def switch_accuracy(model_apply_fn: train_lib.ApplyFn, params: PyTree, batch_sta
     data: the evaluation split.
     key: PRNG key of the attack.
     attack: run against ``attacked_apply_fn`` on ``(params, batch_stats)``; None: clean inputs.
-    attacked_apply_fn: the network the attacker differentiates, e.g. :func:`switch_apply_fn`
-      with an attack of ``eot_samples > 1`` (the adaptive EOT attacker).
+    attacked_apply_fn: the network the attacker differentiates; default the per-batch
+      :func:`switch_apply_fn` (with an attack of ``eot_samples > 1``: the adaptive EOT
+      attacker).
 
   Returns:
     f32[] expected accuracy.
   """
+
+  attacked_apply_fn = attacked_apply_fn or switch_apply_fn(model_apply_fn)
 
   def per_example(x, y, batch_key):
     if attack is not None:
@@ -586,5 +575,5 @@ def keep_ratio_array(keep_ratios: Sequence[float]) -> jax.Array:
   if isinstance(keep_ratios, (int, float)) or not len(keep_ratios):
     raise UserError(f"keep_ratios={keep_ratios!r}; expected a non-empty sequence in (0, 1]")
   for ratio in keep_ratios:
-    check_keep_ratio(ratio)
+    tickets.check_keep_ratio(ratio)
   return jnp.asarray(keep_ratios, jnp.float32)

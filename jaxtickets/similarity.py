@@ -49,6 +49,8 @@ class CCAResult(NamedTuple):
   y_variables: jax.Array
 
 
+METHODS = ("svcca", "pwcca")  # what layerwise_similarity computes
+
 # Full f32 products even on GPUs, whose default f32 matmul (TF32) costs CCA about three digits.
 _matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
@@ -104,18 +106,23 @@ def _cca(x: jax.Array, y: jax.Array, epsilon: jax.Array) -> CCAResult:
   return CCAResult(rho, x_directions, y_directions, x_variables, y_variables)
 
 
-def _kept_directions(s: jax.Array, keep_variance: jax.Array) -> jax.Array:
-  """bool[D]: the fewest leading directions of ``s: f32[D]`` that hold ``keep_variance``."""
+def _kept_directions(s: jax.Array, keep_variance: jax.Array, num_rows: int) -> jax.Array:
+  """bool[D]: the fewest leading directions of ``s: f32[D]`` (singular values of an
+  ``[num_rows, D]`` matrix) that hold ``keep_variance``, never one of its null space."""
   variance = s**2
   # Keep a direction while the ones before it hold less than the target fraction.
   before = (jnp.cumsum(variance) - variance) / jnp.sum(variance)
-  return before < keep_variance
+  # Round-off leaves null directions a tiny singular value (numpy's matrix_rank threshold);
+  # with keep_variance 1 they would count as uncorrelated directions.
+  null = s <= jnp.max(s) * max(num_rows, s.shape[0]) * jnp.finfo(s.dtype).eps
+  return (before < keep_variance) & ~null
 
 
 @jax.jit
 def _svcca(x: jax.Array, y: jax.Array, keep_variance: jax.Array, epsilon: jax.Array) -> jax.Array:
   (u_x, s_x, _), (u_y, s_y, _) = _centered_svd(x), _centered_svd(y)
-  keep_x, keep_y = _kept_directions(s_x, keep_variance), _kept_directions(s_y, keep_variance)
+  keep_x = _kept_directions(s_x, keep_variance, x.shape[0])
+  keep_y = _kept_directions(s_y, keep_variance, y.shape[0])
   # Shapes stay static under jit: dropped directions get a zero singular value instead of being
   # sliced off, which leaves exactly min(kept_x, kept_y) nonzero canonical correlations first.
   rho, _, _ = _canonical_rotations(
@@ -293,8 +300,8 @@ def layerwise_similarity(
       "svcca": functools.partial(svcca, keep_variance=keep_variance, epsilon=epsilon),
       "pwcca": functools.partial(pwcca, epsilon=epsilon),
   }
-  if method not in similarities:
-    raise UserError(f"unknown similarity method {method!r}; choose one of {sorted(similarities)}")
+  if method not in METHODS:
+    raise UserError(f"unknown similarity method {method!r}; choose one of {list(METHODS)}")
   if set(acts_a) != set(acts_b):
     only_a, only_b = sorted(set(acts_a) - set(acts_b)), sorted(set(acts_b) - set(acts_a))
     raise UserError(f"layer names differ: only in acts_a {only_a}, only in acts_b {only_b}")

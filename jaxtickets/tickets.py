@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxtickets import paths
 from jaxtickets.errors import UserError
 from jaxtickets.models.init import get_initializer
 
@@ -42,21 +43,6 @@ _MAX_NUMEL = 2**31 - 1  # counts are int32 on the traced path
 
 
 # ----------------------------------------------------------------------------- paths, validation
-
-
-def _key_name(key: Any) -> str:
-  for attribute in ("key", "name", "idx"):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
-
-
-def _path_names(path: Sequence[Any]) -> tuple[str, ...]:
-  return tuple(_key_name(key) for key in path)
-
-
-def _path_str(path: Sequence[Any]) -> str:
-  return "/".join(_path_names(path))
 
 
 def check_matches(reference: PyTree, tree: PyTree, *, what: str, reference_name: str = "params",
@@ -73,8 +59,8 @@ def check_matches(reference: PyTree, tree: PyTree, *, what: str, reference_name:
   Raises:
     UserError: one line naming the first missing, extra or mis-shaped leaf by its '/'-joined path.
   """
-  reference_leaves = {_path_str(p): leaf for p, leaf in jax.tree.leaves_with_path(reference)}
-  leaves = {_path_str(p): leaf for p, leaf in jax.tree.leaves_with_path(tree)}
+  reference_leaves = {paths.joined(p): leaf for p, leaf in jax.tree.leaves_with_path(reference)}
+  leaves = {paths.joined(p): leaf for p, leaf in jax.tree.leaves_with_path(tree)}
   missing = [path for path in reference_leaves if path not in leaves]
   if missing:
     raise UserError(f"{what} lacks leaf {missing[0]!r} of {reference_name} "
@@ -98,8 +84,9 @@ def _flags(tree: PyTree, prunable: PyTree) -> list[bool]:
   flags = jax.tree.leaves(prunable)
   for path, flag in jax.tree.leaves_with_path(prunable):
     if not isinstance(flag, bool):
-      raise UserError(f"prunable leaf {_path_str(path)!r} is {type(flag).__name__}, not a Python "
-                      f"bool; close over the prunable tree instead of passing it through jit")
+      raise UserError(f"prunable leaf {paths.joined(path)!r} is {type(flag).__name__}, not a "
+                      "Python bool; close over the prunable tree instead of passing it through "
+                      "jit")
   return flags
 
 
@@ -127,7 +114,7 @@ def _is_prunable(names: tuple[str, ...], *, first_conv: bool, shortcut: bool, cl
     return False
   leaf, modules = names[-1], names[:-1]
   if any("norm" in module.lower() for module in modules):
-    return norms and leaf in ("scale", "bias")
+    return norms and paths.is_norm_param(names)
   if leaf == "kernel":
     selected = True
   elif leaf == "bias":
@@ -162,7 +149,7 @@ def prunable(params: PyTree, *, first_conv: bool = True, shortcut: bool = True,
     A tree of Python bools with the structure of ``params``.
   """
   def select(path: Sequence[Any], _: Any) -> bool:
-    return _is_prunable(_path_names(path), first_conv=first_conv, shortcut=shortcut,
+    return _is_prunable(paths.names(path), first_conv=first_conv, shortcut=shortcut,
                         classifier=classifier, biases=biases, norms=norms)
 
   return jax.tree.map_with_path(select, params)
@@ -176,10 +163,11 @@ def _is_python_number(value: Any) -> bool:
   return isinstance(value, (int, float, np.integer)) and not isinstance(value, bool)
 
 
-def _check_keep_ratio(keep_ratio: Any) -> None:
-  """UserError for a Python or concrete keep ratio outside (0, 1]; traced ratios pass unchecked."""
-  if isinstance(keep_ratio, bool) or (_is_python_number(keep_ratio)
-                                      and not 0 < float(keep_ratio) <= 1):
+def check_keep_ratio(keep_ratio: Any) -> None:
+  """UserError for a Python or concrete keep ratio (any shape) outside (0, 1] or not a number;
+  traced ratios pass unchecked."""
+  if isinstance(keep_ratio, (bool, np.bool_)) or (_is_python_number(keep_ratio)
+                                                  and not 0 < float(keep_ratio) <= 1):
     raise UserError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
   if _is_python_number(keep_ratio):
     return
@@ -187,6 +175,8 @@ def _check_keep_ratio(keep_ratio: Any) -> None:
     values = np.asarray(keep_ratio, np.float64).reshape(-1)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return
+  except (TypeError, ValueError):
+    raise UserError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}") from None
   bad = values[~((values > 0) & (values <= 1))]
   if bad.size:
     raise UserError(f"keep_ratio must be in (0, 1], got {float(bad[0])!r} "
@@ -205,9 +195,11 @@ def kept_count(numel: int, keep_ratio: KeepRatio) -> int | jax.Array:
   the f32 value is rounded to the nearest millionth, the exact count is computed in integers, and
   where ``(1 - keep_ratio) * numel`` is a whole number a per-``numel`` table (built on the host in
   float64) supplies the references' rounding. (Plain f32 arithmetic gets e.g. 0.9 of 5120 wrong
-  by one.) Other ratios (1/3, 0.8**7) are read as their nearest millionth, which can move a count
-  by one on layers larger than ~1e6 entries. Traced ratios are not validated: values outside
-  (0, 1] give counts clipped to [0, numel]. Concrete arrays are validated.
+  by one.) Other ratios (1/3, 0.8**7, 0.3000001) are read as their nearest millionth, which
+  moves a count by one wherever ``(1 - keep_ratio) * numel`` lies within ``numel / 2e6`` of a
+  whole number (on a layer of any size; by more only above 2e6 entries); ratios below 1e-6 are
+  read as 1e-6, so a layer is never pruned whole. Traced ratios are not validated: values
+  outside (0, 1] give counts clipped to [0, numel]. Concrete arrays are validated.
 
   Args:
     numel: entries in the layer (or in all prunable layers), at most 2**31 - 1.
@@ -222,7 +214,7 @@ def kept_count(numel: int, keep_ratio: KeepRatio) -> int | jax.Array:
   if isinstance(numel, bool) or not isinstance(numel, numbers.Integral) or not (
       0 <= numel <= _MAX_NUMEL):
     raise UserError(f"numel must be an int in [0, {_MAX_NUMEL}], got {numel!r}")
-  _check_keep_ratio(keep_ratio)
+  check_keep_ratio(keep_ratio)
   return _kept_count(int(numel), keep_ratio)
 
 
@@ -238,7 +230,7 @@ def _kept_count_array(numel: int, keep_ratio: jax.Array) -> jax.Array:
   if numel == 0:
     return jnp.zeros(keep_ratio.shape, jnp.int32)
   # f32 holds every millionth to within 0.06 of it after scaling, so rounding recovers it.
-  millionths = jnp.clip(jnp.round(keep_ratio * _MILLION), 0, _MILLION).astype(jnp.int32)
+  millionths = jnp.clip(jnp.round(keep_ratio * _MILLION), 1, _MILLION).astype(jnp.int32)
   dropped = _MILLION - millionths
   # pruned = floor(dropped * numel / 1e6) without overflowing int32: split numel into
   # whole millions and a remainder, and the remainder into thousands.
@@ -359,7 +351,7 @@ def _top_k_across(values: list[jax.Array], kept: int | jax.Array) -> list[jax.Ar
 
 
 def _check_scalar_ratio(keep_ratio: KeepRatio) -> None:
-  _check_keep_ratio(keep_ratio)
+  check_keep_ratio(keep_ratio)
   if not _is_python_number(keep_ratio) and jnp.ndim(keep_ratio) != 0:
     raise UserError(f"keep_ratio must be a scalar, got shape {jnp.shape(keep_ratio)}; "
                     f"jax.vmap over several ratios")
@@ -444,8 +436,8 @@ def structured_topk_mask(scores: PyTree, keep_ratio: KeepRatio, prunable: PyTree
   for flag, (path, score) in zip(_flags(scores, prunable),
                                  jax.tree.leaves_with_path(scores)):
     if flag and jnp.ndim(score) < -channel_axis:
-      raise UserError(f"structured_topk_mask(axis={axis!r}) needs leaf {_path_str(path)!r} to have "
-                      f"at least {-channel_axis} dims, it has shape {jnp.shape(score)}")
+      raise UserError(f"structured_topk_mask(axis={axis!r}) needs leaf {paths.joined(path)!r} "
+                      f"to have at least {-channel_axis} dims, it has shape {jnp.shape(score)}")
 
   def channel_mask(score: jax.Array) -> jax.Array:
     channels = score.shape[channel_axis]
@@ -676,7 +668,7 @@ def sparsity_report(mask: PyTree, prunable: PyTree) -> dict[str, Any]:
   for flag, (path, keep) in zip(flags, jax.tree.leaves_with_path(mask)):
     if flag:
       kept, total = int(np.count_nonzero(np.asarray(keep))), int(np.size(keep))
-      layers[_path_str(path)] = {"kept": kept, "total": total,
+      layers[paths.joined(path)] = {"kept": kept, "total": total,
                                  "density": kept / total if total else 1.0}
   kept = sum(layer["kept"] for layer in layers.values())
   total = sum(layer["total"] for layer in layers.values())
@@ -718,7 +710,7 @@ def effective_flops(model: Any, variables: PyTree, mask: PyTree,
   masks = jax.tree.leaves(mask)
   dense_macs, effective_macs = 0, 0.0
   for (path, kernel), keep in zip(jax.tree.leaves_with_path(params), masks):
-    names = _path_names(path)
+    names = paths.names(path)
     if names[-1] != "kernel":
       continue
     outputs = captured
@@ -743,8 +735,8 @@ def _redraw(key: jax.Array, params: PyTree, prunable: PyTree, init: Callable[...
   leaves_with_path = jax.tree.leaves_with_path(params)
   for flag, (path, leaf) in zip(flags, leaves_with_path):
     if flag and jnp.ndim(leaf) < 2:
-      raise UserError(f"{what} needs kernels ([..., in, out]); prunable leaf {_path_str(path)!r} "
-                      f"has shape {jnp.shape(leaf)}")
+      raise UserError(f"{what} needs kernels ([..., in, out]); prunable leaf "
+                      f"{paths.joined(path)!r} has shape {jnp.shape(leaf)}")
   keys = jax.random.split(key, max(len(leaves_with_path), 1))
   return jax.tree.structure(params).unflatten([
       init(leaf_key, jnp.shape(leaf), jnp.result_type(leaf)) if flag else other(leaf)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtickets import data as data_lib
-from jaxtickets import tickets
+from jaxtickets import errors, tickets
 from jaxtickets.errors import UserError
 
 PyTree = Any
@@ -340,8 +341,7 @@ def slim_unit_widths(params: PyTree, block_names: Sequence[str], num_blocks: int
     UserError: ``num_blocks`` outside [1, units] or ``factor`` < 1.
   """
   num_blocks = check_num_blocks(num_blocks, block_names, arm="slim", minimum=1)
-  if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
-    raise UserError(f"slim factor={factor!r}; expected a number >= 1")
+  errors.check_number("slim factor", factor, 1)
   widths = unit_widths(params, block_names)
   return widths[:num_blocks] + tuple(max(1, round(width / factor))
                                      for width in widths[num_blocks:])
@@ -386,6 +386,9 @@ def class_subset(dataset: data_lib.Dataset, classes: Sequence[int] | None) -> da
   """
   if classes is None:
     return dataset
+  if isinstance(classes, (str, numbers.Number)) or not all(
+      isinstance(label, numbers.Integral) and not isinstance(label, bool) for label in classes):
+    raise UserError(f"classes={classes!r}; expected a sequence of int labels")
   classes = tuple(int(label) for label in classes)
   if len(classes) < 2 or len(set(classes)) != len(classes) or \
       not all(0 <= label < dataset.num_classes for label in classes):

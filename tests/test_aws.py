@@ -155,6 +155,11 @@ def test_aws_draws_one_alpha_per_step_for_every_norm_layer(network, data):
   # Evaluation never interpolates.
   evaluated, _ = aws.aws_apply_fn(apply_fn, mask, True)(params, batch_stats, x, False)
   np.testing.assert_array_equal(evaluated, apply_fn(params, batch_stats, x, False)[0])
+  # Without AWS, train mode needs no key (BatchNorm recalibration calls it without one).
+  plain, _ = aws.aws_apply_fn(apply_fn, mask, False)(params, batch_stats, x, True)
+  np.testing.assert_array_equal(plain, apply_fn(params, batch_stats, x, True)[0])
+  with pytest.raises(UserError, match="pass one"):
+    aws.aws_apply_fn(apply_fn, mask, True)(params, batch_stats, x, True)
 
 
 def test_aws_with_alpha_zero_is_plain_training(network, data):
@@ -351,6 +356,9 @@ def test_small_run_resumes_without_training_again(small_run):
     ("pruning.fraction=1.2", "pruning fraction"),
     ("methods=('lrr', 'imp')", "methods="),
     ("transfer.variants=('sign', 'sign')", "transfer.variants="),
+    ("transfer.densities=(0.25, 0.26)", "are both nearest round 2"),
+    ("lmc.batch_size=5000", "lmc.batch_size=5000 exceeds"),
+    ("model_options.norm='none'", "AWS interpolates norm params"),
 ])
 def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)

@@ -1,5 +1,7 @@
 """Checkpoint round trips and the refusal to mix runs of different configs."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,3 +60,26 @@ def test_claim_workdir_refuses_foreign_non_empty_directory(tmp_path):
   with pytest.raises(UserError, match="not empty"):
     checkpoint.claim_workdir(tmp_path, {"lr": 0.1})
   assert not (tmp_path / "config.json").exists()
+
+
+def test_claim_workdir_refuses_files_and_unreadable_claims(tmp_path):
+  (tmp_path / "results.json").write_text("{}")
+  for workdir, message in ((tmp_path / "results.json", "is a file"),
+                           (tmp_path / "results.json" / "run", "cannot create workdir")):
+    with pytest.raises(UserError, match=message) as error:
+      checkpoint.claim_workdir(workdir, {"lr": 0.1})
+    assert "\n" not in str(error.value)
+  truncated = tmp_path / "truncated"
+  truncated.mkdir()
+  (truncated / "config.json").write_text('{"lr": 0.')
+  with pytest.raises(UserError, match="not readable JSON"):
+    checkpoint.claim_workdir(truncated, {"lr": 0.1})
+  assert (truncated / "config.json").read_text() == '{"lr": 0.'
+
+
+def test_claim_workdir_finishes_a_claim_cut_short(tmp_path):
+  # A kill between writing the claim and renaming it leaves only the partial file.
+  (tmp_path / "config.json.partial").write_text('{"lr"')
+  checkpoint.claim_workdir(tmp_path, {"lr": 0.1})
+  assert json.loads((tmp_path / "config.json").read_text()) == {"lr": 0.1}
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json"]

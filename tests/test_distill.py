@@ -309,7 +309,10 @@ def test_cli_small_run_saves_the_set_and_resumes(tmp_path):
 @pytest.mark.parametrize("override, fragment", [
     ("ipc=0", "ipc=0"), ("ipc=500", "class"), ("method=kip", "unknown distillation method"),
     ("method_overrides.factor=0", "factor=0"), ("num_models=0", "num_models=0"),
-    ("class_map=pmap", "class_map='pmap'")])
+    ("class_map=pmap", "class_map='pmap'"),
+    ("method_overrides.net_mix_probability='x'", "net_mix_probability='x'"),
+    ("method_overrides.image_lr=-0.1", "image_lr=-0.1"),
+    ("method_overrides.net_unit='epoch'", "net_unit 'epoch'")])
 def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
 
@@ -319,3 +322,14 @@ def test_methods_registry_rejects_unknown_fields():
     methods.get_method("idc", 10, speed=2)
   assert methods.get_method("dc", 10).inner_iterations == 10
   assert methods.get_method("acc_dd", 50).image_learning_rate(50, (0.25,)) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("method, num_classes, ipc, batch, steps", [
+    # DC/DSA's reference trains the net for the IPC's epochs over the synthetic set in a
+    # shuffled loader of batch 256 (main.py: ``for il in range(inner_loop): epoch(...)``).
+    ("dc", 10, 1, 10, 1), ("dc", 10, 10, 100, 50), ("dsa", 10, 50, 256, 20),
+    ("dc", 100, 10, 256, 200), ("dsa", 100, 50, 256, 200),
+    # IDC/Acc-DD: 2000 real images per inner iteration, 32 batches of 64.
+    ("idc", 10, 10, 64, 32), ("acc_dd", 100, 50, 64, 32)])
+def test_net_schedule_follows_the_reference_loops(method, num_classes, ipc, batch, steps):
+  assert methods.net_schedule(methods.get_method(method, ipc), num_classes, ipc) == (batch, steps)

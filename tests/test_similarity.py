@@ -87,6 +87,16 @@ def test_rank_deficient_real_data_with_its_transform_gives_one(digit_pixels, met
   assert score == pytest.approx(1.0, abs=1e-4)
 
 
+def test_svcca_keeping_all_variance_ignores_null_directions():
+  # 8 neurons spanning 4 dimensions around a large mean (as ReLU activations can sit): centering
+  # leaves the null space round-off singular values that keeping all variance must not count
+  # as uncorrelated directions (before the fix this scored 0.51).
+  rng = np.random.default_rng(0)
+  latent = rng.normal(size=(500, 4)).astype(np.float32)
+  x = (100 + latent @ rng.normal(size=(4, 8))).astype(np.float32)
+  assert float(similarity.svcca(x, x, keep_variance=1.0)) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_independent_data_is_near_zero_and_methods_agree(gaussian):
   x, rng = gaussian
   y = rng.normal(size=x.shape).astype(np.float32)

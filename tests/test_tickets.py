@@ -10,7 +10,7 @@ import optax
 import pytest
 from hypothesis import strategies as st
 
-from jaxtickets import tickets
+from jaxtickets import paths, tickets
 from jaxtickets.errors import UserError
 
 _SHAPES = {
@@ -45,7 +45,7 @@ def _key(seed: int) -> jax.Array:
 
 
 def _named(tree) -> dict:
-  return {tickets._path_str(path): leaf for path, leaf in jax.tree.leaves_with_path(tree)}
+  return {paths.joined(path): leaf for path, leaf in jax.tree.leaves_with_path(tree)}
 
 
 def _assert_one_line_error(error: pytest.ExceptionInfo, *fragments: str) -> None:

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ import pytest
 from assertions import assert_one_line_user_error
 from experiments import cli
 from experiments.configs import dense as dense_configs
-from jaxtickets import checkpoint
+from jaxtickets import checkpoint, loop, metrics
 from jaxtickets import train as train_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,6 +102,30 @@ def test_sigkill_then_rerun_resumes_to_identical_result(tmp_path):
   assert results["test_accuracy"] > 0.9  # Chance is 0.1.
 
 
+class Counter(NamedTuple):
+  step: jax.Array
+  total: jax.Array
+
+
+def test_fit_redoes_records_past_its_last_checkpoint(tmp_path):
+  def step(state, data):
+    return Counter(state.step + 1, state.total + jnp.sum(data.labels)), {"total": state.total}
+
+  data = train_lib.Data(jnp.zeros((4, 2, 2, 1), jnp.uint8), jnp.arange(4, dtype=jnp.int32))
+  initial = Counter(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+  def run(workdir):
+    return loop.fit(step, initial, data, num_steps=4, eval_every=2, workdir=workdir,
+                    progress=False)[1]
+
+  straight = run(tmp_path / "straight")
+  # A kill while the first checkpoint was being saved: its record is logged, no checkpoint is.
+  metrics.MetricsLog(tmp_path / "killed" / "metrics.jsonl").write(**straight[0])
+  assert run(tmp_path / "killed") == straight
+  assert ((tmp_path / "killed" / "metrics.jsonl").read_text()
+          == (tmp_path / "straight" / "metrics.jsonl").read_text())
+
+
 @pytest.mark.parametrize("override, message", [
     ("dataset='nope'", "unknown dataset"),
     ("model='nope'", "unknown model"),
@@ -139,3 +164,17 @@ def test_overrides_may_add_model_options_but_no_other_keys():
   for override in ("no_such_key=1", "epochs.sub=1", "attack.eps=1"):
     assert_one_line_user_error(lambda: cli.apply_overrides(config, [override]),
                                "unknown config key")
+
+
+def test_overrides_of_the_wrong_type_are_user_errors():
+  config = dense_configs.get_config("small")
+  for override, expected in (("epochs=abc", "int"), ("epochs=2.5", "int"),
+                             ("model_options=3", "ConfigDict"), ("seed={1: []}", "int"),
+                             ("epochs={[]: 1}", "int")):
+    assert_one_line_user_error(lambda: cli.apply_overrides(config, [override]),
+                               f"expects a value of type {expected}")
+  # A string field keeps what looks like a number (a directory named 2024) as text.
+  cli.apply_overrides(config, ["data_dir=2024", "dataset='npz:x.npz'"])
+  assert config.data_dir == "2024" and config.dataset == "npz:x.npz"
+  cli.apply_overrides(config, ["data_dir=None"])
+  assert config.data_dir is None

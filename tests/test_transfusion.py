@@ -269,6 +269,12 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
     ("arms=('random', 'imagenet')", "imagenet"),
     ("models=('cbr_tiny', 'resnet18')", "one width"),
     ("seeds=0", "seeds=0"),
+    ("epochs=0", "epochs=0"),
+    ("models=cbr_tiny", "models expects a value of type tuple"),
+    ("strategy='pmap'", "unknown population strategy 'pmap'"),
+    ("similarity.methods=('cka',)", "similarity.methods=('cka',)"),
+    ("similarity.keep_variance=0", "similarity.keep_variance=0"),
+    ("target_classes=('a', 'b')", "expected a sequence of int labels"),
 ])
 def test_cli_exits_2_on_bad_config(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
@@ -281,6 +287,20 @@ def test_cli_exits_2_on_a_target_npz_without_a_test_split(tmp_path, digits,
   assert_cli_user_error(runner.main, ["--config", "small", "--set", f"dataset=npz:{path}",
                                       "--set", "target_classes=None"],
                         "missing array 'test_images'")
+
+
+def test_a_previous_runs_pretrain_folder_is_a_checkpoint_dir(small_run):
+  _, config, workdir = small_run
+  config = config.copy_and_resolve_references()
+  config.source.checkpoint_dir = str(workdir / "pretrain")
+  settings = config.source
+  source = runner.load_task(settings.dataset, image_size=settings.image_size,
+                            classes=settings.classes, data_dir=settings.data_dir)
+  (spec,) = runner.check_config(config)
+  given, step = runner.SourceModel(config, spec, source).restore_given()
+  with checkpoint.Checkpointer(workdir / "pretrain" / spec.name / "pretrained") as kept:
+    assert step == kept.latest_step()
+    jax.tree.map(np.testing.assert_array_equal, given, kept.restore(given))
 
 
 def test_cli_exits_2_on_a_pretrained_checkpoint_of_another_architecture(

@@ -60,7 +60,10 @@ def _base() -> ml_collections.ConfigDict:
   c.pruning.rounds = _PAPER_ROUNDS
   c.pruning.epochs_per_round = 10  # Each round trains, then removes `fraction` of survivors.
   c.pruning.fraction = 0.2
-  c.pruning.rewind = "none"  # "none": LRR (continue from the weights); "init": IMP.
+  # "none": LRR (continue from the weights), the reference's. "init": IMP, an extension: every
+  # round, the first (dense) one too, restarts from the initialization, so the warm-up only
+  # decides the first mask.
+  c.pruning.rewind = "none"
   # Learning rate of the pruning runs (constant; the reference does not step its scheduler).
   c.pruning.learning_rate = 0.1
 

@@ -27,7 +27,8 @@ def training(**values) -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.dataset = "digits"
-  c.data_dir = None  # For tfds datasets; defaults to $TFDS_DATA_DIR.
+  # For tfds datasets; None: $TFDS_DATA_DIR. Typed, so that --set keeps a numeric name a string.
+  c.data_dir = ml_collections.config_dict.placeholder(str)
   c.image_size = None  # digits only: 8, 16 or 32.
   c.model = "convnet3"
   c.model_options = ml_collections.ConfigDict()

@@ -21,14 +21,17 @@ Presets (``method`` is switchable: ``--set method=idc`` / ``dc`` / ``dsa`` / ``d
   ``digits`` schedule on a stratified 10% of CIFAR-10's training split (5,000 images) at 16x16,
   full test split, flips back in every augmentation, IDC-I's start (``init=real``, factor 1: the
   stored set starts as the random-real baseline, leaving the distillation room to show) and
-  lr_img 1e-2 for every method; 20 outer iterations (``--set method=idc --set
-  outer_iterations=80`` for the 4x longer IDC run), 4 eval nets x 100 epochs.
+  lr_img 1e-2 for IDC and Acc-DD alike (``image_lr``; DC/DSA/DM read it in normalized space);
+  20 outer iterations (``--set method=idc --set outer_iterations=80`` for the 4x longer IDC
+  run), 4 eval nets x 100 epochs.
   ``--set dataset=npz:PATH`` reads the shared JPEG-packed copy.
 - ``small``: the tests' run: IPC 2, width 8, 8x8 digits, 2 outer x 2 inner iterations, 2 nets
   evaluated for 3 epochs.
 
 Other methods' settings come from ``jaxtickets.distill.methods.get_method`` (DC/DSA: 1000
-iterations with the IPC's loop counts, lr 0.1 on normalized images, real batch 256; DM: 20000
+iterations with the IPC's loop counts, each image update followed by the IPC's number of epochs
+of plain SGD (lr 0.01) over the synthetic set in batches of 256, lr 0.1 on normalized images,
+real batch 256; DM: 20000
 iterations, lr 1.0; IDC: as Acc-DD with random nets, 2000 outer iterations, lr_img 5e-3);
 ``method_overrides.<field>`` overrides any of them (None keeps the method's value).
 
@@ -48,7 +51,10 @@ Deviations from the references (all documented in the library):
 - The evaluated set is the decoded set quantized to 8 bits; DC/DSA/DM are evaluated with IDC's
   protocol (not their own) so that every method is measured the same way; the reference's
   "best epoch" (selected on the test set) is not reported.
-- Digits have no left-right symmetry, so the digits presets drop ``flip`` from every DSA strategy.
+- DC starts from random real images, as DSA's README runs it (DC's own default is Gaussian
+  noise in normalized space); ``method_overrides.init=noise`` starts from IDC's noise.
+- Digits have no left-right symmetry, so the digits presets drop ``flip`` from every DSA
+  strategy (``flip=False``).
 """
 
 import dataclasses
@@ -61,14 +67,16 @@ from jaxtickets.distill import methods
 
 def _base() -> ml_collections.ConfigDict:
   """Acc-DD on CIFAR-10 at IPC 10 (the paper's setting)."""
-  # The training fields are the early-stage pool's pretraining (and the SGD of the nets during
-  # distillation): batch 64, 2 epochs, constant lr 0.01 (the reference's schedule never decays
-  # within 2 epochs), momentum 0.9, weight decay 5e-4.
+  # The training fields are the early-stage pool's pretraining (and the learning rate of the
+  # nets during distillation; their momentum and weight decay are the method's): batch 64,
+  # 2 epochs, constant lr 0.01 (the reference's schedule never decays within 2 epochs),
+  # momentum 0.9, weight decay 5e-4.
   c = common.training(dataset="cifar10", batch_size=64, epochs=2, learning_rate=0.01,
                       schedule="constant")
   c.method = "acc_dd"
   c.ipc = 10
   c.train_fraction = 1.0  # A stratified share of the real training split (CPU runs).
+  c.flip = True  # False: every DSA strategy (matching, nets, evaluation) without its flip.
   # Method fields (jaxtickets.distill.methods.Method); None keeps the method's own value.
   c.method_overrides = ml_collections.ConfigDict(
       {field.name: ml_collections.FieldReference(None, field_type=object)
@@ -108,14 +116,6 @@ def _preset(dataset: str, ipc: int):
   return build
 
 
-def _no_flip(c: ml_collections.ConfigDict) -> None:
-  """Digits are not mirror-symmetric: no flip in the matching, the nets' or the evaluation's
-  augmentation."""
-  c.method_overrides.match_strategy = "color_crop_cutout"
-  c.method_overrides.net_strategy = "color_crop"
-  c.eval.strategy = "color_crop_scale_rotate"
-
-
 def _digits() -> ml_collections.ConfigDict:
   c = _base()
   c.dataset = "digits"
@@ -129,7 +129,7 @@ def _digits() -> ml_collections.ConfigDict:
   c.eval.num_nets = 4
   c.eval.epochs = 150
   c.eval.checkpoint_every = 50
-  _no_flip(c)
+  c.flip = False  # Digits are not mirror-symmetric.
   return c
 
 
@@ -141,10 +141,7 @@ def _cifar10_subset() -> ml_collections.ConfigDict:
   c.method_overrides.factor = 1
   c.method_overrides.init = "real"
   c.method_overrides.image_lr = 1e-2
-  # CIFAR images are mirror-symmetric: every method's own DSA ops again, and flips in evaluation.
-  c.method_overrides.match_strategy = None
-  c.method_overrides.net_strategy = None
-  c.eval.strategy = "color_crop_flip_scale_rotate"
+  c.flip = True
   c.eval.epochs = 100
   return c
 

@@ -51,10 +51,10 @@ def medmnist(name: str) -> str:
   return f"npz:{data_lib.shared_data_dir() / 'medmnist' / name}.npz"
 
 
-def _source() -> ml_collections.ConfigDict:
-  """CIFAR-10 from the shared JPEG npz when present, else the digits 0-4."""
+def _source(digits: bool = False) -> ml_collections.ConfigDict:
+  """CIFAR-10 from the shared JPEG npz when present (and not ``digits``), else the digits 0-4."""
   cifar = data_lib.shared_data_dir() / "cifar10" / "cifar10_jpeg.npz"
-  if cifar.is_file():
+  if cifar.is_file() and not digits:
     s = common.training(dataset=f"npz:{cifar}", batch_size=128, epochs=30, learning_rate=0.05,
                         schedule="cosine", augment="crop_flip")
     s.classes = None
@@ -66,7 +66,7 @@ def _source() -> ml_collections.ConfigDict:
   s.eval_size = 2000  # Test examples scored after pretraining (the first ones).
   # A folder with one pretrained checkpoint per model name (a previous run's pretrain/), used
   # instead of pretraining; None pretrains.
-  s.checkpoint_dir = None
+  s.checkpoint_dir = ml_collections.config_dict.placeholder(str)
   return s
 
 
@@ -134,12 +134,7 @@ def _digits() -> ml_collections.ConfigDict:
   if not (data_lib.shared_data_dir() / "medmnist" / "breastmnist.npz").is_file():
     c.dataset = "digits"
     c.target_classes = _DIGITS_TARGET_CLASSES
-  c.source = common.training(dataset="digits", image_size=16, batch_size=64, epochs=10,
-                             learning_rate=0.05, schedule="cosine")
-  c.source.classes = _DIGITS_SOURCE_CLASSES
-  c.source.train_fraction = 1.0
-  c.source.eval_size = 2000
-  c.source.checkpoint_dir = None
+  c.source = _source(digits=True)
   c.similarity.probe_size = 150
   c.similarity.methods = ("svcca",)
   return c

@@ -17,9 +17,12 @@ iterations, progress bar). Per inner iteration:
    images, so the summed step differs from it only in how the shared momentum buffer decays
    between classes (the reference's per-class steps apply each class's momentum ~2x per inner
    iteration; a momentum of 0.5 across inner iterations gives the same 2x).
-3. The nets train (as one population) for ``net_steps`` SGD steps: on the real data with
-   per-sample DSA and CutMix (IDC, Acc-DD), on the current synthetic set (DC, DSA), or not at
-   all (DM).
+3. The nets train (as one population): ``net_steps`` SGD steps on the real data with
+   per-sample DSA and CutMix (IDC, Acc-DD), ``net_steps`` epochs on the current synthetic set
+   (DC, DSA: plain SGD, each epoch ``ceil(size / net_batch)`` batches), or not at all (DM).
+   The synthetic set is read as 8-bit images, like any split. The reference skips this after
+   the last update of an outer iteration; here it runs and the nets are then replaced (a
+   select, not a conditional: see :func:`make_distill_step`), which costs compute only.
 
 With M = 1 this is the reference's schedule. With M > 1 each update averages M nets; running
 ``outer_iterations / M`` outer iterations keeps the number of model-steps (nets x inner
@@ -44,7 +47,7 @@ import numpy as np
 import optax
 
 from jaxtickets import data as data_lib
-from jaxtickets import population
+from jaxtickets import errors, population
 from jaxtickets import train as train_lib
 from jaxtickets.distill import augment_models, dsa, matching, synthetic
 from jaxtickets.errors import UserError
@@ -54,6 +57,7 @@ PyTree = Any
 OBJECTIVES = ("gradient", "distribution")
 MODEL_SOURCES = ("random", "pool")
 NET_DATA = ("none", "synthetic", "real")
+NET_UNITS = ("step", "epoch")
 LR_SPACES = ("pixel", "normalized")
 # DC/DSA: (image updates per net, net epochs on the synthetic set after each) by IPC.
 _DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -73,7 +77,8 @@ class Method:
     factor: IDC multi-formation factor (1: none).
     init: synthetic initialization (``synthetic.INITS``).
     image_lr: learning rate of the images (for IPC 10 when ``image_lr_per_ipc``).
-    image_lr_per_ipc: scale ``image_lr`` by IPC / 10 (IDC's ``tune_lr_img``).
+    image_lr_per_ipc: scale ``image_lr`` by IPC / 10 (IDC's ``tune_lr_img``, whose further
+      factor (size / 32)^2 is 1 on CIFAR and not applied).
     image_lr_space: "pixel" or "normalized": the space the reference's rate is for.
     image_momentum: SGD momentum of the images.
     models: "random" (a fresh init per outer iteration) or "pool" (Acc-DD's early-stage pool).
@@ -83,8 +88,11 @@ class Method:
     real_batch: real images per class per matching step.
     synthetic_max: at most this many decoded synthetic images per class per matching step.
     net_data: what the nets train on between image updates: "none", "synthetic" or "real".
-    net_steps: SGD steps of the nets after each image update.
+    net_steps: how much the nets train after each image update, in ``net_unit``s.
+    net_unit: "step" (one batch) or "epoch" (a pass over the synthetic set, DC/DSA's loader).
     net_batch: their batch size.
+    net_momentum: SGD momentum of the nets (DC/DSA: plain SGD).
+    net_weight_decay: their coupled weight decay.
     net_strategy: per-sample DSA ops of the nets' own training ("none": none).
     net_composition: "idc" or "one".
     net_mix_probability: CutMix probability of the nets' training (0: none).
@@ -108,15 +116,18 @@ class Method:
   synthetic_max: int = 128
   net_data: str = "none"
   net_steps: int = 0
+  net_unit: str = "step"
   net_batch: int = 256
+  net_momentum: float = 0.9
+  net_weight_decay: float = 5e-4
   net_strategy: str = "none"
   net_composition: str = "one"
   net_mix_probability: float = 0.0
 
   def __post_init__(self):
     for field, known in (("objective", OBJECTIVES), ("models", MODEL_SOURCES),
-                         ("net_data", NET_DATA), ("image_lr_space", LR_SPACES),
-                         ("init", synthetic.INITS)):
+                         ("net_data", NET_DATA), ("net_unit", NET_UNITS),
+                         ("image_lr_space", LR_SPACES), ("init", synthetic.INITS)):
       if getattr(self, field) not in known:
         raise UserError(f"unknown {field} {getattr(self, field)!r} for method {self.name!r}; "
                         f"known: {', '.join(known)}")
@@ -125,14 +136,15 @@ class Method:
     self.net_dsa()
     for field in ("factor", "outer_iterations", "inner_iterations", "real_batch",
                   "synthetic_max", "net_batch"):
-      value = getattr(self, field)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{field}={value!r}; expected an int >= 1")
-    if isinstance(self.net_steps, bool) or not isinstance(self.net_steps, int) or \
-        self.net_steps < 0:
-      raise UserError(f"net_steps={self.net_steps!r}; expected an int >= 0")
-    if not 0 <= self.net_mix_probability <= 1:
-      raise UserError(f"net_mix_probability={self.net_mix_probability!r}; expected [0, 1]")
+      errors.check_int(field, getattr(self, field))
+    errors.check_int("net_steps", self.net_steps, 0)
+    if self.net_unit == "epoch" and self.net_data != "synthetic":
+      raise UserError(f"net_unit 'epoch' counts passes over the synthetic set; method "
+                      f"{self.name!r} trains its nets on {self.net_data!r}")
+    errors.check_number("image_lr", self.image_lr, 0, strict=True)
+    errors.check_number("net_weight_decay", self.net_weight_decay, 0)
+    for field in ("image_momentum", "net_momentum", "net_mix_probability"):
+      errors.check_number(field, getattr(self, field), 0, 1)
 
   def match_dsa(self) -> dsa.Strategy:
     return dsa.Strategy.parse(self.match_strategy, self.match_composition)
@@ -155,7 +167,7 @@ def _dc_loops(images_per_class: int) -> tuple[int, int]:
 def _dc(images_per_class: int) -> Method:
   inner, net_epochs = _dc_loops(images_per_class)
   return Method("dc", "gradient", distance="dc", inner_iterations=inner, net_data="synthetic",
-                net_steps=net_epochs)
+                net_steps=net_epochs, net_unit="epoch", net_momentum=0.0, net_weight_decay=0.0)
 
 
 def _dsa(images_per_class: int) -> Method:
@@ -407,6 +419,20 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
   return step
 
 
+def net_schedule(method: Method, num_classes: int, images_per_class: int) -> tuple[int, int]:
+  """(batch size, SGD steps) of the nets' training after each image update.
+
+  On the synthetic set the batch is at most the set's decoded size, and an epoch is
+  ``ceil(size / batch)`` batches, as DC/DSA's shuffled loader of batch 256 gives.
+  """
+  if method.net_data != "synthetic":
+    return method.net_batch, method.net_steps
+  synthetic_size = num_classes * images_per_class * method.factor ** 2
+  batch_size = min(method.net_batch, synthetic_size)
+  batches = -(-synthetic_size // batch_size) if method.net_unit == "epoch" else 1
+  return batch_size, method.net_steps * batches
+
+
 def _net_training(method: Method, apply_fn: train_lib.ApplyFn,
                   optimizer: optax.GradientTransformation, mean: Sequence[float],
                   std: Sequence[float], images_per_class: int, num_classes: int,
@@ -420,12 +446,10 @@ def _net_training(method: Method, apply_fn: train_lib.ApplyFn,
   if strategy.ops or method.net_mix_probability > 0:
     mix = dsa.dsa_cutmix(strategy, mix_probability=method.net_mix_probability, mean=mean,
                          std=std)
-  batch_size = method.net_batch
-  if method.net_data == "synthetic":
-    batch_size = min(batch_size, num_classes * images_per_class * method.factor ** 2)
+  batch_size, num_steps = net_schedule(method, num_classes, images_per_class)
   step = train_lib.make_train_step(apply_fn, optimizer, batch_size=batch_size, augment=None,
                                    mix=mix)
-  run = train_lib.repeat(population.run(step, **population_options), method.net_steps)
+  run = train_lib.repeat(population.run(step, **population_options), num_steps)
 
   def train_nets(nets, data, images):
     if method.net_data == "real":

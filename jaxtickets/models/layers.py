@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtickets import errors
 from jaxtickets.errors import UserError
 from jaxtickets.models.conv import conv_general_dilated
 from jaxtickets.models.init import INITIALIZER_NAMES, get_initializer, pytorch_bias_init
@@ -165,8 +166,7 @@ def shortcut_branch(x: Array, layers: Layers, *, features: int, strides: int, ki
 
 def check_options(model: nn.Module) -> None:
   """Raises UserError when a common option of ``model`` has a value no layer understands."""
-  if model.num_classes < 1:
-    raise UserError(f"num_classes must be >= 1, got {model.num_classes}")
+  errors.check_int("num_classes", model.num_classes)
   if model.norm not in NORM_KINDS:
     raise UserError(f"unknown norm {model.norm!r}; known: {', '.join(NORM_KINDS)}")
   resolve_dtype(model.dtype)
@@ -174,8 +174,7 @@ def check_options(model: nn.Module) -> None:
     value = getattr(model, option)
     if value not in INITIALIZER_NAMES:
       raise UserError(f"unknown {option} {value!r}; known: {', '.join(INITIALIZER_NAMES)}")
-  if model.width < 1:
-    raise UserError(f"width must be >= 1, got {model.width}")
+  errors.check_int("width", model.width)
 
 
 def norm_names(norm: str, *names: str) -> tuple[str, ...]:
