@@ -11,7 +11,8 @@ its own subdirectory of the workdir:
    plus the fresh dense network; all trained as populations of ``transfer.population_size``.
 3. ``lmc/``: error curves (11 points, BatchNorm recalibrated, one population per curve): the
    paper's diagnostic (each round's trained network vs the same network with initialized norm
-   params) and sign-transferred vs retrained network at each transferred density.
+   params); at each transferred density, sign-transferred vs retrained network and the sign
+   transfers of two seeds (:func:`transfer_pairs`).
 
 ``results.json`` and ``report.md`` (accuracy-vs-density and barrier plots) go into the workdir;
 :func:`demo_section` adds the same report section to the demo.
@@ -340,20 +341,36 @@ def lmc_stage(context: Context, pruning: Pruning, members: Sequence[Member],
         rows.append(row(f"init_norm/{method}/{round_index}", round_index, params, mask,
                         aws.initialized_norms(params), mask))
       results["init_norm"][method] = rows
-  variants = config.transfer.variants
-  if config.lmc.transfer_pairs and "sign" in variants and "retrain" in variants:
-    seed = config.transfer.seeds[0]
-    results["sign_vs_retrain"] = {}
+  for family, (first, second) in transfer_pairs(config).items():
+    results[family] = {}
     for method in config.methods:
       rows = []
       for round_index in sorted({m.round for m in members if m.source == method}):
         a, b = (members.index(Member(method, variant, round_index, seed))
-                for variant in ("sign", "retrain"))
-        rows.append(row(f"sign_vs_retrain/{method}/{round_index}", round_index,
+                for variant, seed in (first, second))
+        rows.append(row(f"{family}/{method}/{round_index}", round_index,
                         *population.select((finals.train.params, finals.mask), a),
                         *population.select((finals.train.params, finals.mask), b)))
-      results["sign_vs_retrain"][method] = rows
+      results[family][method] = rows
   return results
+
+
+def transfer_pairs(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[str, int], ...]]:
+  """The trained transfers whose linear paths ``lmc.transfer_pairs`` measures, by family:
+  ``(variant, seed)`` of both ends, at every transferred density.
+
+  ``sign_vs_retrain``: the sign transfer vs the retrained ticket (first seed).
+  ``sign_seeds``: the sign transfers of the first two seeds (the reference's SGD-noise
+  stability check: do two runs from one transferred sign pattern end in one basin?).
+  """
+  variants, seeds = config.transfer.variants, config.transfer.seeds
+  pairs = {}
+  if config.lmc.transfer_pairs and "sign" in variants:
+    if "retrain" in variants:
+      pairs["sign_vs_retrain"] = (("sign", seeds[0]), ("retrain", seeds[0]))
+    if len(seeds) > 1:
+      pairs["sign_seeds"] = (("sign", seeds[0]), ("sign", seeds[1]))
+  return pairs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,7 +530,8 @@ def accuracy_figure(results: dict[str, Any]):
 
 def barrier_figure(results: dict[str, Any]):
   series = {}
-  titles = {"init_norm": "trained vs initialized norms", "sign_vs_retrain": "sign vs retrain"}
+  titles = {"init_norm": "trained vs initialized norms", "sign_vs_retrain": "sign vs retrain",
+            "sign_seeds": "sign transfer, two seeds"}
   for family, by_method in results["barriers"].items():
     for method, rows in by_method.items():
       series[f"{method.upper()}: {titles[family]}"] = ([row["density"] for row in rows],

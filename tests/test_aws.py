@@ -336,6 +336,14 @@ def test_small_run_writes_results_report_and_figures(small_run):
       assert curve["density"] == pytest.approx(
           [pruning["ticket_density"][curve["round"][0] - 1]])
     assert len(results["barriers"]["init_norm"][method]) == config.pruning.rounds
+    # Both pair families, at the transferred density, on the ticket's mask.
+    for family in ("sign_vs_retrain", "sign_seeds"):
+      (pair,) = results["barriers"][family][method]
+      assert pair["density"] == pytest.approx(results["transfer"][f"{method}_sign"]["density"][0])
+      assert len(pair["errors"]) == config.lmc.num_points
+      assert pair["barrier"] == pytest.approx(lmc.barrier(pair["errors"]))
+    # Two seeds: one accuracy per seed at each point.
+    assert [len(a) for a in results["transfer"][f"{method}_sign"]["accuracy"]] == [2]
   assert results["transfer"]["dense"]["density"] == [1.0]
   assert set(results["findings"]) == {"init_norm_barrier", "sign_transfer_accuracy"}
 
