@@ -333,11 +333,12 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
                             "jax_version": jax.__version__, "quick": quick,
                             "settings": dataclasses.asdict(settings), "outer_iteration": [],
                             "evaluation": [], "torch": None}
-  print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations; net_steps 0 "
-        "times the matching alone):")
-  print(f"{'M':>3}  {'maps':<14}{'dtype':<10}{'net steps':>10}{'s/outer':>10}{'compile s':>11}"
-        f"{'host waits':>12}{'projected':>22}")
   variants = [OuterVariant.parse(text) for text in settings.outer] if "outer" in parts else []
+  if variants:
+    print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations; net_steps 0 "
+          "times the matching alone):")
+    print(f"{'M':>3}  {'maps':<14}{'dtype':<10}{'net steps':>10}{'s/outer':>10}"
+          f"{'compile s':>11}{'host waits':>12}{'projected':>22}")
   for variant in variants:
     result = time_outer_iteration(settings, variant)
     report["outer_iteration"].append(result)
@@ -348,10 +349,12 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
           f"{result['projected_s'] / 60:>12.1f} min for {result['projected_outer_iterations']:.0f}"
           f" outer", flush=True)
     save(report)
-  print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
-  print(f"{'dtype':<9}{'N':>3}  {'strategy':<9}{'images/s':>12}{'ms/step':>10}{'host waits':>12}")
   evaluations = [_evaluation_variant(text) for text in settings.evaluation] \
       if "evaluation" in parts else []
+  if evaluations:
+    print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
+    print(f"{'dtype':<9}{'N':>3}  {'strategy':<9}{'images/s':>12}{'ms/step':>10}"
+          f"{'host waits':>12}")
   for dtype, num_nets in evaluations:
     result = time_evaluation(settings, num_nets, dtype)
     report["evaluation"].append(result)
@@ -365,7 +368,7 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
     report["precision"] = evaluation_accuracy(settings.precision_dataset, settings.precision_dtypes,
                                               settings.precision_epochs)
     save(report)
-  if "evaluation" in parts and common.torch_cuda_available():
+  if evaluations and common.torch_cuda_available():
     torch_speed = time_torch_evaluation(settings)
     largest = max(num_nets for _, num_nets in evaluations)
     speedups = {result["dtype"]: result["images_per_s"] / torch_speed
@@ -377,7 +380,7 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
           f"{torch_speed:,.0f} images/s; {largest} nets as one population: "
           + ", ".join(f"{dtype} {ratio:.1f}x" for dtype, ratio in speedups.items())
           + " (target >= 10x)")
-  else:
+  elif evaluations:
     print("\nPyTorch baseline skipped: torch with CUDA is not importable")
   save(report)
   return report

@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -250,8 +250,25 @@ def _row(result: Result) -> str:
           f"{_strategy_label(result):<16}{speed}")
 
 
-def run_benchmark(settings: Settings, models: Sequence[str], quick: bool) -> dict[str, Any]:
-  """Times every configuration, prints the table and returns the JSON report."""
+def _report(settings: Settings, quick: bool, results: Sequence[Result],
+            torch_report: dict[str, Any] | None) -> dict[str, Any]:
+  device = jax.devices()[0]
+  return {
+      "device": device.device_kind, "platform": device.platform,
+      "device_count": jax.device_count(), "jax_version": jax.__version__, "quick": quick,
+      "settings": dataclasses.asdict(settings),
+      "results": [dataclasses.asdict(result) for result in results],
+      "fastest": [{"model": m, "dtype": d, "members": n, "strategy": r.strategy,
+                   "chunk_size": r.chunk_size, "images_per_s": r.images_per_s}
+                  for (m, d, n), r in fastest(results).items()],
+      "torch": torch_report,
+  }
+
+
+def run_benchmark(settings: Settings, models: Sequence[str], quick: bool,
+                  save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+  """Times every configuration, prints the table and returns the JSON report, saved after
+  each measurement (a time limit that stops the run keeps what was measured)."""
   data = train_lib.device_data(
       common.synthetic_split(settings.num_examples, IMAGE_SHAPE, NUM_CLASSES))
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
@@ -264,6 +281,7 @@ def run_benchmark(settings: Settings, models: Sequence[str], quick: bool) -> dic
         for result in time_strategies(model_name, dtype, num_members, data, settings):
           print(_row(result), flush=True)
           results.append(result)
+          save(_report(settings, quick, results, None))
   best = fastest(results)
   print("\nfastest strategy per (model, dtype, N):")
   for (model_name, dtype, num_members), result in best.items():
@@ -291,17 +309,9 @@ def run_benchmark(settings: Settings, models: Sequence[str], quick: bool) -> dic
             f"({_strategy_label(population_best)}) / PyTorch {torch_speed:,.0f} images/s = "
             f"{speedup:.1f}x (target >= 10x)")
 
-  device = jax.devices()[0]
-  return {
-      "device": device.device_kind, "platform": device.platform,
-      "device_count": jax.device_count(), "jax_version": jax.__version__, "quick": quick,
-      "settings": dataclasses.asdict(settings),
-      "results": [dataclasses.asdict(result) for result in results],
-      "fastest": [{"model": m, "dtype": d, "members": n, "strategy": r.strategy,
-                   "chunk_size": r.chunk_size, "images_per_s": r.images_per_s}
-                  for (m, d, n), r in best.items()],
-      "torch": torch_report,
-  }
+  report = _report(settings, quick, results, torch_report)
+  save(report)
+  return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -314,8 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [name for name in models if name not in settings.models]
     if unknown or not models:
       raise UserError(f"--models {args.models!r}: choose from {', '.join(settings.models)}")
-    report = run_benchmark(settings, models, args.quick)
-  common.json_writer(args.out)(report)
+    run_benchmark(settings, models, args.quick, common.json_writer(args.out))
   print(f"\nwrote {args.out}")
   return 0
 

@@ -246,7 +246,7 @@ def rounds_for_densities(densities: Sequence[float], rounds: int,
   """The pruning round whose density ``(1 - fraction) ** k`` is nearest each wanted density.
 
   Args:
-    densities: wanted densities, each in (0, 1).
+    densities: wanted densities, each in (0, 1].
     rounds: rounds the schedule runs.
     fraction: share of survivors each round removes.
 
@@ -324,6 +324,7 @@ def next_round(state: SparseState, optimizer: optax.GradientTransformation, prun
 
 
 def check_transfer(variant: str) -> str:
+  """``variant`` if it is one of :data:`TRANSFERS`, else UserError."""
   if variant not in TRANSFERS:
     raise UserError(f"unknown transfer {variant!r}; known: {', '.join(TRANSFERS)}")
   return variant

@@ -85,9 +85,11 @@ class Checkpointer:
                                              enable_async_checkpointing=False))
 
   def latest_step(self) -> int | None:
+    """The newest saved step, or None before the first save."""
     return self._manager.latest_step()
 
   def save(self, step: int, tree: PyTree) -> None:
+    """Saves ``tree`` as ``step`` and waits until it is on disk (a kill after this keeps it)."""
     self._manager.save(int(step), args=ocp.args.StandardSave(tree))
     self._manager.wait_until_finished()
 
@@ -110,6 +112,7 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.StandardRestore(template))
 
   def close(self) -> None:
+    """Releases orbax's background resources."""
     self._manager.close()
 
   def __enter__(self) -> Checkpointer:

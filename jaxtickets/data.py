@@ -192,7 +192,9 @@ def _load_tfds(name: str, data_dir: str | None) -> tuple[dict[str, Split], int]:
   # Imported here: TFDS is only needed for these sources and costs import time for all others.
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
-  root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+  # A quoted or config-given "~/..." reaches here unexpanded by any shell.
+  root = os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
+                            or "~/tensorflow_datasets")
   prepare = (f"pip install '.[tfds-prepare]' && tfds build {name} --data_dir {root} "
              "--file_format=array_record")
   not_prepared = UserError(f"tfds dataset {name!r} is not prepared in {root}; prepare it with: "

@@ -52,6 +52,7 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
     workdir: where metrics and checkpoints go; None keeps everything in memory.
     steps_per_call: steps run by one compiled ``lax.scan`` (default: ``default_steps_per_call``).
     progress: show a tqdm bar.
+    description: the bar's label.
 
   Returns:
     The final state and the list of logged records.

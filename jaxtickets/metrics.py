@@ -23,7 +23,8 @@ def _binary_auc(scores: jax.Array, positive: jax.Array) -> jax.Array:
   # Average 1-based rank of each score, which gives tied scores half credit.
   ranks = (jnp.searchsorted(ordered, scores, side="left")
            + jnp.searchsorted(ordered, scores, side="right") + 1) / 2
-  num_pos = jnp.sum(positive)
+  # Float counts: the int32 products num_pos * num_neg overflow past ~46k examples per side.
+  num_pos = jnp.sum(positive, dtype=jnp.float32)
   num_neg = positive.shape[0] - num_pos
   rank_sum = jnp.sum(jnp.where(positive, ranks, 0.0))
   return (rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
@@ -75,15 +76,18 @@ class MetricsLog:
     self.path = pathlib.Path(path)
 
   def write(self, step: int, **values: Any) -> None:
+    """Appends ``{"step": step, **values}`` (arrays as lists)."""
     self.path.parent.mkdir(parents=True, exist_ok=True)
     with self.path.open("a") as f:
       f.write(json.dumps({"step": int(step), **jsonable(values)}) + "\n")
 
   def read(self) -> list[dict[str, Any]]:
+    """Every record, oldest first ([] before the first write)."""
     if not self.path.exists():
       return []
     return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
   def truncate(self, step: int) -> None:
+    """Drops the records after ``step``."""
     kept = [r for r in self.read() if r["step"] <= step]
     self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))

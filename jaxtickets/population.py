@@ -309,12 +309,13 @@ def run(step: Callable[..., Any], *, strategy: str = "vmap", chunk_size: int | N
     def population_step(*args):
       axes = axes_of(args)
       _check_divisible(size(args[axes.index(0)]), mesh)
+      shardings = tuple(per_member if axis == 0 else replicated for axis in axes)
       if len(args) not in compiled:
-        compiled[len(args)] = jax.jit(
-            jax.vmap(step, in_axes=axes),
-            in_shardings=tuple(per_member if axis == 0 else replicated for axis in axes),
-            out_shardings=per_member)
-      return compiled[len(args)](*args)
+        compiled[len(args)] = jax.jit(jax.vmap(step, in_axes=axes), in_shardings=shardings,
+                                      out_shardings=per_member)
+      # jit refuses arrays committed to other devices (a state restored onto one device);
+      # placing them first is free for arrays already where they belong.
+      return compiled[len(args)](*jax.device_put(args, shardings))
 
   return population_step
 

@@ -57,12 +57,15 @@ class Report:
     self._parts = [f"# {title}\n"]
 
   def section(self, title: str, text: str = "") -> None:
+    """A ``##`` heading, optionally followed by a paragraph."""
     self._parts.append(f"## {title}\n\n{text}\n" if text else f"## {title}\n")
 
   def text(self, text: str) -> None:
+    """Markdown appended as is."""
     self._parts.append(text + "\n")
 
   def figure(self, name: str, fig: plt.Figure, caption: str) -> pathlib.Path:
+    """Saves ``fig`` as ``<name>.png`` next to the report, closes it, and links it."""
     path = self.directory / f"{name}.png"
     fig.savefig(path)
     plt.close(fig)
@@ -70,6 +73,7 @@ class Report:
     return path
 
   def write(self, filename: str = "report.md") -> pathlib.Path:
+    """Writes the report; returns its path."""
     path = self.directory / filename
     path.write_text("\n".join(self._parts))
     return path

@@ -10,6 +10,7 @@ whole split with the member's key, so a population of states is just a leading a
 
 from __future__ import annotations
 
+import collections
 import functools
 
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxtickets import data as data_lib
+from jaxtickets import metrics as metrics_lib
 
 PyTree = Any
 ApplyFn = Callable[..., tuple[jax.Array, PyTree]]
@@ -39,7 +41,8 @@ class TrainState(NamedTuple):
     params: the trained pytree (weights, or scores + frozen weights, ...).
     batch_stats: BatchNorm running statistics ({} for models without BatchNorm).
     opt_state: optax state of ``params``.
-    key: u32[2] this member's PRNG key; fixes its data order and augmentation draws.
+    key: this member's PRNG key (a raw u32[2] or a typed key[]); fixes its data order and
+      augmentation draws.
   """
   step: jax.Array
   params: PyTree
@@ -60,6 +63,7 @@ class Data(NamedTuple):
 
 
 def device_data(split: data_lib.Split) -> Data:
+  """The split on the default device: u8 images, i32 labels."""
   return Data(jnp.asarray(split.images), jnp.asarray(split.labels, jnp.int32))
 
 
@@ -69,13 +73,11 @@ def model_apply_fn(model: nn.Module, mean: Sequence[float], std: Sequence[float]
   Keeping normalization inside the function lets attacks work in pixel space, where epsilon
   balls and the [0, 1] box are defined.
   """
-  mean = jnp.asarray(mean, jnp.float32)
-  std = jnp.asarray(std, jnp.float32)
 
   def apply_fn(params, batch_stats, x, train, key=None):
     del key  # Plain models are deterministic given their inputs.
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    x = (x - mean) / std
+    x = data_lib.normalize(x, mean, std)
     if train and batch_stats:
       logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
       return logits, updates["batch_stats"]
@@ -95,6 +97,7 @@ def init_variables(key: jax.Array, model: nn.Module,
 
 def create_train_state(key: jax.Array, params: PyTree, batch_stats: PyTree,
                        optimizer: optax.GradientTransformation) -> TrainState:
+  """The state before the first step: step 0, ``optimizer``'s fresh state, the member's key."""
   return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params), key)
 
 
@@ -108,12 +111,15 @@ def sgd(learning_rate: float | optax.Schedule, *, momentum: float = 0.9,
 
 def multistep_schedule(base_lr: float, steps_per_epoch: int, milestones: Sequence[int],
                        gamma: float = 0.1) -> optax.Schedule:
-  """PyTorch's MultiStepLR: ``base_lr * gamma**i`` after the i-th milestone epoch."""
+  """PyTorch's MultiStepLR: ``base_lr * gamma**i`` after the i-th milestone epoch (a milestone
+  listed twice decays twice, as PyTorch counts them)."""
+  counts = collections.Counter(int(m) * steps_per_epoch for m in milestones)
   return optax.piecewise_constant_schedule(
-      base_lr, {int(m) * steps_per_epoch: gamma for m in milestones})
+      base_lr, {step: gamma**count for step, count in counts.items()})
 
 
 def cosine_schedule(base_lr: float, total_steps: int) -> optax.Schedule:
+  """PyTorch's CosineAnnealingLR to 0 over ``total_steps``."""
   return optax.cosine_decay_schedule(base_lr, total_steps)
 
 
@@ -179,7 +185,7 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    metrics = {"loss": loss, "accuracy": metrics_lib.accuracy(logits, labels)}
     return state._replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                           opt_state=opt_state), metrics
 
@@ -230,4 +236,4 @@ def evaluate(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree, data: Data,
   """Eval-mode ``{"loss", "accuracy"}`` over a whole split (exact, no dropped remainder)."""
   logits = predict(apply_fn, params, batch_stats, data.images, batch_size=batch_size)
   return {"loss": cross_entropy(logits, data.labels),
-          "accuracy": jnp.mean(jnp.argmax(logits, -1) == data.labels)}
+          "accuracy": metrics_lib.accuracy(logits, data.labels)}

@@ -153,7 +153,9 @@ def test_attack_stays_in_ball_and_box_and_reports_success(name, net, test_set, a
     assert float(result.x_adv.min()) >= 0.0 and float(result.x_adv.max()) <= 1.0
     assert result.success.dtype == jnp.bool_ and result.success.shape == y.shape
     np.testing.assert_array_equal(result.success, predictions(net, result.x_adv) != y)
-    assert result.success.mean() > 0.3  # Each attack does fool a good part of the batch.
+  # On the digits (random labels are wrong anyway) each attack fools a good part of the batch,
+  # far beyond the network's few clean errors.
+  assert results(name).success.mean() > 0.3
 
 
 def test_fgsm_is_one_signed_gradient_step(net, test_set, results):

@@ -24,6 +24,15 @@ def test_binary_auc_matches_sklearn_with_ties(seed):
       roc_auc_score(labels, scores), abs=1e-6)
 
 
+def test_binary_auc_of_a_large_split_matches_sklearn():
+  # 60,000 x 60,000 positive-negative pairs: more than an int32 holds.
+  rng = np.random.default_rng(0)
+  labels = np.repeat([0, 1], 60_000)
+  scores = rng.normal(size=labels.size) + 0.5 * labels
+  assert float(metrics.roc_auc(jnp.asarray(scores), jnp.asarray(labels))) == pytest.approx(
+      roc_auc_score(labels, scores), abs=1e-4)
+
+
 def test_two_column_logits_rank_like_probabilities():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 300)

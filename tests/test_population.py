@@ -159,6 +159,15 @@ def test_population_training_equals_each_member_trained_alone(convnet, step_alon
   assert float(jnp.min(jnp.abs(means[1:] - means[0]).max(axis=-1))) > 100 * ATOL
 
 
+def test_shard_takes_a_population_committed_to_one_device(convnet):
+  # As a checkpoint restored onto one device would be; the result is the vmapped one.
+  committed = jax.device_put(convnet.initial, jax.devices()[1])
+  sharded, _ = population.run(convnet.step, strategy="shard")(committed, convnet.data)
+  assert len(sharded.params["head"]["kernel"].sharding.device_set) == 4
+  vmapped, _ = jax.jit(population.run(convnet.step))(convnet.initial, convnet.data)
+  _assert_close(sharded, vmapped)
+
+
 def test_stack_unstack_select_round_trip(convnet):
   members = population.unstack(convnet.initial)
   assert len(members) == NUM_MEMBERS == population.size(convnet.initial)

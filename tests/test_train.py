@@ -17,6 +17,7 @@ from assertions import assert_one_line_user_error
 from experiments import cli
 from experiments.configs import dense as dense_configs
 from jaxtickets import checkpoint, loop, metrics
+from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -43,6 +44,31 @@ def test_multistep_schedule_drops_at_milestone_epochs():
   schedule = train_lib.multistep_schedule(0.1, steps_per_epoch=10, milestones=(2, 3), gamma=0.1)
   values = [float(schedule(s)) for s in (0, 19, 20, 29, 30, 100)]
   np.testing.assert_allclose(values, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+  # MultiStepLR counts its milestones: one listed twice decays twice (IDC's 2E//3 and 5E//6
+  # coincide for a 2- or 3-epoch evaluation).
+  twice = train_lib.multistep_schedule(0.1, steps_per_epoch=10, milestones=(2, 2), gamma=0.2)
+  assert [float(twice(s)) for s in (19, 20)] == pytest.approx([0.1, 0.1 * 0.2**2])
+
+
+def test_mixed_labels_weigh_the_two_losses(digits):
+  # A label-mixing augmentation (CutMix's form) whose second labels are the next class.
+  data = train_lib.device_data(digits.train)
+  weights = jax.random.normal(jax.random.key(0), (64, 10))
+
+  def linear(params, batch_stats, x, train, key=None):
+    return x.reshape(x.shape[0], -1) @ params, batch_stats
+
+  def mix(key, x, labels):
+    return x, (labels + 1) % 10, 0.3
+
+  optimizer = train_lib.sgd(0.0)
+  step = train_lib.make_train_step(linear, optimizer, batch_size=len(data.labels), augment=None,
+                                   mix=mix)
+  _, metrics = step(train_lib.create_train_state(jax.random.key(1), weights, {}, optimizer), data)
+  logits = data_lib.to_unit(data.images).reshape(len(data.labels), -1) @ weights
+  expected = (0.3 * train_lib.cross_entropy(logits, data.labels)
+              + 0.7 * train_lib.cross_entropy(logits, (data.labels + 1) % 10))
+  assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_cross_entropy_of_uniform_logits_is_log_k():

@@ -37,7 +37,7 @@ iterations, lr 1.0; IDC: as Acc-DD with random nets, 2000 outer iterations, lr_i
 
 Speed on one H100 (``benchmarks/RESULTS.md``): the CIFAR-10 IPC-10 Acc-DD preset takes ~33 min
 for its 500 outer iterations as configured (float32, one net per update); ``--set
-dtype=bfloat16 --set num_models=5`` ~22 min. bfloat16 evaluates a set as float32 does (measured on
+dtype=bfloat16 --set num_models=5`` ~23 min. bfloat16 evaluates a set as float32 does (measured on
 CIFAR-10) and trains 32 evaluation nets 12.4x faster than PyTorch one at a time.
 
 Deviations from the references (all documented in the library):

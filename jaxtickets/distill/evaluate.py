@@ -69,12 +69,14 @@ class Protocol:
     self.dsa_strategy()
 
   def dsa_strategy(self) -> dsa.Strategy:
+    """The evaluation nets' per-sample DSA ops."""
     return dsa.Strategy.parse(self.strategy, self.composition)
 
 
 def optimizer(protocol: Protocol, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with the protocol's step decays (PyTorch's MultiStepLR at ``int(f * epochs)``)."""
-  milestones = sorted({int(fraction * protocol.epochs) for fraction in protocol.milestones})
+  """SGD with the protocol's step decays (PyTorch's MultiStepLR at ``int(f * epochs)``; at a
+  few epochs two milestones can coincide, and the rate then decays twice there, as in IDC)."""
+  milestones = [int(fraction * protocol.epochs) for fraction in protocol.milestones]
   schedule = train_lib.multistep_schedule(protocol.learning_rate, steps_per_epoch, milestones,
                                           protocol.gamma)
   return train_lib.sgd(schedule, momentum=protocol.momentum,
@@ -82,6 +84,7 @@ def optimizer(protocol: Protocol, steps_per_epoch: int) -> optax.GradientTransfo
 
 
 def batch_size(protocol: Protocol, num_examples: int) -> int:
+  """The protocol's batch, at most the evaluated set (IPC 1 sets are smaller than a batch)."""
   return min(protocol.batch_size, num_examples)
 
 

@@ -106,6 +106,7 @@ GRADIENT_DISTANCES: dict[str, Callable[[PyTree, PyTree], jax.Array]] = {
 
 
 def get_gradient_distance(name: str) -> Callable[[PyTree, PyTree], jax.Array]:
+  """The distance of :data:`GRADIENT_DISTANCES` named ``name``; UserError for another name."""
   if name not in GRADIENT_DISTANCES:
     raise UserError(f"unknown gradient distance {name!r}; known: "
                     f"{', '.join(GRADIENT_DISTANCES)}")

@@ -89,7 +89,9 @@ class Method:
     synthetic_max: at most this many decoded synthetic images per class per matching step.
     net_data: what the nets train on between image updates: "none", "synthetic" or "real".
     net_steps: how much the nets train after each image update, in ``net_unit``s.
-    net_unit: "step" (one batch) or "epoch" (a pass over the synthetic set, DC/DSA's loader).
+    net_unit: "step" (one batch) or "epoch" (``ceil(size / net_batch)`` batches of the
+      synthetic set, as many as DC/DSA's loader takes per pass; drawn by the split's shuffle,
+      so an epoch may run into the next permutation instead of being exactly one pass).
     net_batch: their batch size.
     net_momentum: SGD momentum of the nets (DC/DSA: plain SGD).
     net_weight_decay: their coupled weight decay.
@@ -147,9 +149,11 @@ class Method:
       errors.check_number(field, getattr(self, field), 0, 1)
 
   def match_dsa(self) -> dsa.Strategy:
+    """The Siamese augmentation of the matching step."""
     return dsa.Strategy.parse(self.match_strategy, self.match_composition)
 
   def net_dsa(self) -> dsa.Strategy:
+    """The per-sample augmentation of the nets' own training."""
     return dsa.Strategy.parse(self.net_strategy, self.net_composition)
 
   def image_learning_rate(self, images_per_class: int, std: Sequence[float]) -> float:
@@ -269,6 +273,7 @@ class DistillState(NamedTuple):
 
 def image_optimizer(method: Method, images_per_class: int,
                     std: Sequence[float]) -> optax.GradientTransformation:
+  """SGD (with momentum) of the stored images at the method's pixel-space rate."""
   return optax.sgd(method.image_learning_rate(images_per_class, std),
                    momentum=method.image_momentum or None)
 

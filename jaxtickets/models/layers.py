@@ -111,7 +111,7 @@ class Layers:
         conv_general_dilated=conv_general_dilated, name=name)(x)
 
   def norm_layer(self, x: Array, *, train: bool, name: str) -> Array:
-    """Normalizes x: f[B, H, W, C] (or f[B, C]) with the model's norm kind; identity for "none".
+    """Normalizes x: f[B, H, W, C] with the model's norm kind; identity for "none".
 
     BatchNorm uses PyTorch's momentum 0.1 and eps 1e-5 and normalizes with batch statistics in
     training, running statistics otherwise. Flax updates the running variance with the biased
@@ -125,6 +125,8 @@ class Layers:
       return nn.BatchNorm(
           use_running_average=not train, momentum=0.9, epsilon=1e-5, use_scale=affine,
           use_bias=affine, dtype=self.dtype, param_dtype=jnp.float32, name=name)(x)
+    if self.norm not in ("group", "instance"):
+      raise UserError(f"unknown norm {self.norm!r}; known: {', '.join(NORM_KINDS)}")
     features = x.shape[-1]
     groups = features if self.norm == "instance" else group_count(features)
     return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype,
@@ -159,6 +161,9 @@ def shortcut_branch(x: Array, layers: Layers, *, features: int, strides: int, ki
   if kind == "zero_pad":
     x = x[:, ::strides, ::strides, :]
     missing = features - x.shape[-1]
+    if missing < 0:
+      raise UserError(f"a zero_pad shortcut cannot narrow {x.shape[-1]} channels to {features}; "
+                      "use shortcut='projection'")
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (missing // 2, missing - missing // 2)))
   x = layers.conv(x, features, 1, strides=strides, name="shortcut")
   return layers.norm_layer(x, train=train, name="shortcut_norm")
