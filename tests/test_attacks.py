@@ -320,6 +320,27 @@ def test_eot_attack_on_random_switch_is_stronger(population, test_set):
   assert expected_accuracy(8) < expected_accuracy(1)
 
 
+def test_margin_and_dlr_losses_follow_their_formulas():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(64, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, 64)
+  logits[np.arange(0, 64, 4), labels[::4]] += 5  # A quarter with the true class on top.
+  true = logits[np.arange(64), labels]
+  others = np.where(np.eye(5, dtype=bool)[labels], -np.inf, logits)
+  top = -np.sort(-logits, axis=1)
+  margin = others.max(1) - true
+  np.testing.assert_allclose(attacks.margin_loss(jnp.asarray(logits), jnp.asarray(labels)),
+                             np.minimum(margin, 0.0), rtol=1e-6)
+  np.testing.assert_allclose(
+      attacks.margin_loss(jnp.asarray(logits), jnp.asarray(labels), kappa=0.5),
+      np.minimum(margin, 0.5), rtol=1e-6)
+  dlr = attacks.dlr_loss(jnp.asarray(logits), jnp.asarray(labels))
+  np.testing.assert_allclose(dlr, margin / (top[:, 0] - top[:, 2] + 1e-12), rtol=1e-5)
+  # Invariant to shifting and (positively) scaling the logits.
+  np.testing.assert_allclose(attacks.dlr_loss(jnp.asarray(3 * logits + 7), jnp.asarray(labels)),
+                             dlr, rtol=1e-4, atol=1e-6)
+
+
 def test_apgd_checkpoints_follow_the_p_sequence():
   for num_steps in (100, 1000):
     fractions = [0.0, 0.22]

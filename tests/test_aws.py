@@ -105,6 +105,31 @@ def test_global_pruning_removes_20_percent_of_survivors_and_keeps_the_rest_dense
   assert max(densities) - min(densities) > 0.05
 
 
+def test_next_round_prunes_resets_the_optimizer_and_rewinds_on_request(network):
+  _, params, batch_stats, prunable = network
+  optimizer = train_lib.sgd(0.1)
+  start = aws.init_sparse_state(KEY, params, batch_stats, aws.dense_mask(params), True,
+                                optimizer)
+  # The end of a round: other weights and statistics, 7 steps in, a moving momentum buffer.
+  end = aws.init_sparse_state(KEY, random_params(params, seed=3), random_params(batch_stats),
+                              aws.dense_mask(params), True, optimizer)
+  end = end._replace(train=end.train._replace(
+      step=jnp.int32(7), opt_state=jax.tree.map(jnp.ones_like, end.train.opt_state)))
+  expected_params, expected_mask = aws.prune(end.train.params, end.mask, prunable, 0.2)
+  new_key = jax.random.PRNGKey(9)
+  for rewind, (from_params, from_stats) in ((None, (expected_params, end.train.batch_stats)),
+                                            (start, (params, batch_stats))):
+    new = aws.next_round(end, optimizer, prunable, fraction=0.2, key=new_key, rewind=rewind)
+    # The mask comes from the trained weights either way; IMP then restarts from ``rewind``.
+    jax.tree.map(np.testing.assert_array_equal, new.mask, expected_mask)
+    jax.tree.map(np.testing.assert_array_equal, new.train.params,
+                 tickets.apply_mask(from_params, expected_mask))
+    jax.tree.map(np.testing.assert_array_equal, new.train.batch_stats, from_stats)
+    assert int(new.train.step) == 0 and bool(new.aws)
+    np.testing.assert_array_equal(new.train.key, new_key)
+    assert all(float(jnp.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(new.train.opt_state))
+
+
 def test_density_schedule_and_its_bad_input():
   assert aws.nominal_densities(3, 0.2) == pytest.approx([0.8, 0.64, 0.512])
   assert aws.rounds_for_densities((0.64, 0.8**15, 0.8), 15) == (2, 15, 1)

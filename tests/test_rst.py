@@ -129,6 +129,33 @@ def test_pgd_on_a_linear_model_reaches_the_closed_form_worst_case(digits):
     assert float(jnp.min(loss(worst) - loss(x))) > 0
 
 
+def test_training_attack_batch_norm_modes(digits):
+  # A network that answers the opposite way in eval mode and counts its train-mode passes in
+  # its running statistics: the attack's mode shows in the adversarial loss, its updates in the
+  # count.
+  def network(params, batch_stats, x, train, key=None):
+    logits = x.reshape(x.shape[0], -1) @ (params if train else -params)
+    return logits, {"passes": batch_stats["passes"] + 1} if train else batch_stats
+
+  weights = jax.random.normal(KEY, (int(np.prod(digits.image_shape)), 10))
+  optimizer = train_lib.sgd(0.0)
+  data = train_lib.device_data(digits.train)
+  passes, losses = {}, {}
+  for batch_norm in rst.ATTACK_BATCH_NORM:
+    attack = rst.TrainingAttack(eps=0.2, step_size=0.1, num_steps=3, random_start=False,
+                                batch_norm=batch_norm)
+    step = rst.make_adversarial_train_step(network, optimizer, batch_size=64, augment=None,
+                                           attack=attack)
+    state = train_lib.create_train_state(KEY, weights, {"passes": jnp.zeros((), jnp.int32)},
+                                         optimizer)
+    state, metrics = jax.jit(step)(state, data)
+    passes[batch_norm], losses[batch_norm] = int(state.batch_stats["passes"]), metrics["loss"]
+  # Training itself is one pass; only "update" keeps the attack's 3 gradient passes.
+  assert passes == {"update": 4, "batch": 1, "eval": 1}
+  # "update" and "batch" attack the train-mode network, "eval" the (opposite) eval-mode one.
+  assert float(losses["update"]) == float(losses["batch"]) > float(losses["eval"]) + 1
+
+
 def test_apgd_is_at_least_as_strong_as_pgd20_on_the_searched_tickets(small_run):
   results, _, _ = small_run
   test_size = results["split_sizes"]["test"]

@@ -152,6 +152,22 @@ def test_fit_redoes_records_past_its_last_checkpoint(tmp_path):
           == (tmp_path / "straight" / "metrics.jsonl").read_text())
 
 
+def test_fit_gives_the_same_run_for_any_steps_per_call():
+  # Chunks of 3 cross the evaluations every 2 steps; 1 << 30 runs each interval as one scan
+  # (the accelerator default).
+  def step(state, data):
+    return Counter(state.step + 1, state.total * 3 + jnp.sum(data.labels)), {"total": state.total}
+
+  data = train_lib.Data(jnp.zeros((4, 2, 2, 1), jnp.uint8), jnp.arange(4, dtype=jnp.int32))
+  initial = Counter(jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32))
+  runs = [loop.fit(step, initial, data, num_steps=5, eval_every=2, steps_per_call=calls,
+                   progress=False) for calls in (1, 3, 1 << 30)]
+  for state, records in runs[1:]:
+    assert int(state.total) == int(runs[0][0].total)
+    assert records == runs[0][1]
+  assert [record["step"] for record in runs[0][1]] == [2, 4, 5]
+
+
 @pytest.mark.parametrize("override, message", [
     ("dataset='nope'", "unknown dataset"),
     ("model='nope'", "unknown model"),
