@@ -65,6 +65,36 @@ def test_crop_and_flip_are_exact_pixel_moves(digits):
       np.testing.assert_allclose(out[index], expected, atol=1e-5)
 
 
+def _grid_sample_reference(image: np.ndarray, theta: np.ndarray) -> np.ndarray:
+  """PyTorch's grid_sample(affine_grid(theta), align_corners=False, zeros), pixel by pixel."""
+  height, width, _ = image.shape
+  out = np.zeros_like(image)
+  for i in range(height):
+    for j in range(width):
+      x, y = (2 * j + 1) / width - 1, (2 * i + 1) / height - 1
+      source_x, source_y = theta @ np.array([x, y, 1.0])
+      column, row = ((source_x + 1) * width - 1) / 2, ((source_y + 1) * height - 1) / 2
+      for r in (int(np.floor(row)), int(np.floor(row)) + 1):
+        for c in (int(np.floor(column)), int(np.floor(column)) + 1):
+          if 0 <= r < height and 0 <= c < width:
+            out[i, j] += (1 - abs(row - r)) * (1 - abs(column - c)) * image[r, c]
+  return out
+
+
+def test_affine_warp_is_grid_sample_of_affine_grid(digits):
+  x = unit_images(digits, 4)
+  # A quarter turn of a square image moves pixel centres onto pixel centres: np.rot90 exactly
+  # (output (x, y) reads input (-y, x)).
+  quarter = jnp.broadcast_to(jnp.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]), (4, 2, 3))
+  np.testing.assert_allclose(dsa.affine_warp(x, quarter), np.rot90(np.asarray(x), axes=(1, 2)),
+                             atol=1e-6)
+  # Sampled scale and rotation, between pixel centres: against the pixel-by-pixel reference.
+  params = dsa.sample_params(KEY, dsa.Strategy(("scale", "rotate")), x.shape[1:], count=4)
+  warped = np.asarray(dsa.affine_warp(x, params.theta))
+  for image, theta, out in zip(np.asarray(x), np.asarray(params.theta, np.float64), warped):
+    np.testing.assert_allclose(out, _grid_sample_reference(image, theta), atol=1e-5)
+
+
 def test_cutmix_pastes_one_box_from_a_permuted_batch():
   count, size = 8, 16
   x = jnp.broadcast_to(jnp.arange(count, dtype=jnp.float32)[:, None, None, None],
