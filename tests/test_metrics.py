@@ -33,6 +33,11 @@ def test_binary_auc_of_a_large_split_matches_sklearn():
       roc_auc_score(labels, scores), abs=1e-4)
 
 
+def test_auc_is_nan_for_a_class_without_positives():
+  scores = jnp.asarray([0.1, 0.4, 0.35, 0.8])
+  assert np.isnan(float(metrics.roc_auc(scores, jnp.zeros(4, jnp.int32))))
+
+
 def test_two_column_logits_rank_like_probabilities():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 300)

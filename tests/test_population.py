@@ -216,6 +216,16 @@ def _noop_step(state, data):
   return state, data
 
 
+def test_shard_on_a_given_mesh_splits_members_over_its_devices_only():
+  mesh = population.make_mesh(jax.devices()[:2])
+  members = {"w": jnp.arange(12.0).reshape(6, 2)}
+  doubled = population.run(lambda state, scale: {"w": state["w"] * scale}, strategy="shard",
+                           mesh=mesh)(members, 2.0)
+  np.testing.assert_array_equal(doubled["w"], 2 * members["w"])
+  assert doubled["w"].sharding.device_set == set(jax.devices()[:2])
+  assert doubled["w"].sharding.shard_shape(doubled["w"].shape) == (3, 2)
+
+
 @pytest.mark.parametrize("strategy", ["vmap", "map", "shard"])
 @pytest.mark.parametrize("members, match", [
     ({"w": jnp.zeros((0, 3))}, "0 members"),
