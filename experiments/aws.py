@@ -34,7 +34,7 @@ import numpy as np
 
 from experiments import build, cli
 from experiments.configs import aws as aws_configs
-from jaxtickets import aws, checkpoint, errors, lmc, loop, population, tickets
+from jaxtickets import aws, checkpoint, errors, files, lmc, loop, population, tickets
 from jaxtickets import data as data_lib
 from jaxtickets import report as report_lib
 from jaxtickets import train as train_lib
@@ -325,7 +325,7 @@ def lmc_stage(context: Context, pruning: Pruning, members: Sequence[Member],
       cache[name] = lmc.connectivity(curve, params_a, mask_a, params_b, mask_b,
                                      context.batch_stats, context.train, context.test, key)
       cache_path.parent.mkdir(exist_ok=True)
-      cache_path.write_text(json.dumps(cache, indent=1) + "\n")
+      files.write_json(cache_path, cache, indent=1)
     return {"round": round_index,
             "density": tickets.sparsity_report(mask_a, context.prunable)["density"],
             **cache[name]}
@@ -433,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   }
   results["findings"] = findings(results)
   results = jsonable(results)
-  (context.workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  files.write_json(context.workdir / "results.json", results)
   report = report_lib.Report(context.workdir,
                              f"A Winning Sign: {config.model} on {context.dataset.name}")
   add_report_sections(report, results)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
@@ -11,7 +10,7 @@ import ml_collections
 
 from experiments import build, cli
 from experiments.configs import dense as dense_configs
-from jaxtickets import checkpoint, loop
+from jaxtickets import checkpoint, files, loop
 from jaxtickets import report as report_lib
 from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
@@ -51,7 +50,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   results = {"dataset": ds.name, "model": config.model,
              "num_params": sum(x.size for x in jax.tree_util.tree_leaves(state.params)),
              "test_accuracy": records[-1]["test_accuracy"], "steps": records[-1]["step"]}
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  files.write_json(workdir / "results.json", results)
   return {**results, "records": records}
 
 

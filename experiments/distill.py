@@ -19,7 +19,6 @@ run by this process (a resumed stage counts only what was left).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 import time
@@ -33,7 +32,7 @@ import numpy as np
 
 from experiments import build, cli
 from experiments.configs import distill as distill_configs
-from jaxtickets import checkpoint, loop, population
+from jaxtickets import checkpoint, files, loop, population
 from jaxtickets import data as data_lib
 from jaxtickets import report as report_lib
 from jaxtickets import train as train_lib
@@ -271,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       "pool": pool_summary, "distill": distill_summary,
       "evaluation": {"protocol": dataclasses.asdict(protocol), **evaluations},
   }
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  files.write_json(workdir / "results.json", results)
   report = report_lib.Report(workdir, f"Dataset distillation: {method.name} on {dataset.name}")
   add_report_sections(report, results, workdir)
   report.write()

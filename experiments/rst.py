@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +33,7 @@ import numpy as np
 
 from experiments import build, cli
 from experiments.configs import rst as rst_configs
-from jaxtickets import attacks, checkpoint, errors, loop, population, rst, tickets
+from jaxtickets import attacks, checkpoint, errors, files, loop, population, rst, tickets
 from jaxtickets import data as data_lib
 from jaxtickets import report as report_lib
 from jaxtickets import train as train_lib
@@ -426,7 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                           selected.best["batch_stats"], context.test, context.eval_key, config,
                           evaluator.attacks["pgd"]),
   }
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  files.write_json(workdir / "results.json", results)
   report = report_lib.Report(workdir, f"RST + R2S: {config.model} on {dataset.name}")
   add_report_sections(report, results)
   report.write()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ import numpy as np
 
 from experiments import build, cli
 from experiments.configs import transfusion as transfusion_configs
-from jaxtickets import checkpoint, errors, loop, metrics, models, population, similarity
+from jaxtickets import checkpoint, errors, files, loop, metrics, models, population, similarity
 from jaxtickets import data as data_lib
 from jaxtickets import report as report_lib
 from jaxtickets import train as train_lib
@@ -580,7 +579,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       filters = first_layer_filters(full, config.seeds, pretrained)
       results["filters_model"] = spec.name
   results = jsonable(results)
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  files.write_json(workdir / "results.json", results)
   report = report_lib.Report(workdir, f"Transfusion: {source.name} -> {target.name}")
   add_report_sections(report, results, filters)
   report.write()

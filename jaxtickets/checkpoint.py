@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxtickets import paths
+from jaxtickets import files, paths
 from jaxtickets.errors import UserError
 
 PyTree = Any
@@ -33,7 +33,7 @@ def claim_workdir(workdir: str | pathlib.Path, config: dict[str, Any]) -> pathli
   """
   workdir = pathlib.Path(workdir)
   config_path = workdir / "config.json"
-  partial = workdir / "config.json.partial"  # Written first, then renamed to config.json.
+  partial = files.partial_path(config_path)
   if workdir.exists() and not workdir.is_dir():
     raise UserError(f"workdir {workdir} is a file, not a directory")
   if config_path.exists():
@@ -53,8 +53,7 @@ def claim_workdir(workdir: str | pathlib.Path, config: dict[str, Any]) -> pathli
   except OSError as error:
     raise UserError(f"cannot create workdir {workdir}: {error.strerror}") from None
   # Written whole or not at all: a kill here must not leave a half-written claim behind.
-  partial.write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-  partial.replace(config_path)
+  files.write_text(config_path, json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
   return workdir
 
 

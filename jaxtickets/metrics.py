@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtickets import files
+
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Fraction of ``argmax(logits: f32[N, K]) == labels: i32[N]``."""
@@ -82,12 +84,16 @@ class MetricsLog:
       f.write(json.dumps({"step": int(step), **jsonable(values)}) + "\n")
 
   def read(self) -> list[dict[str, Any]]:
-    """Every record, oldest first ([] before the first write)."""
+    """Every record, oldest first ([] before the first write); a last line cut short by a kill
+    during its write is not a record."""
     if not self.path.exists():
       return []
-    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    lines = self.path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+      lines.pop()
+    return [json.loads(line) for line in lines if line.strip()]
 
   def truncate(self, step: int) -> None:
-    """Drops the records after ``step``."""
+    """Drops the records after ``step`` (and a cut-short last line)."""
     kept = [r for r in self.read() if r["step"] <= step]
-    self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))

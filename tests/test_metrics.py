@@ -67,3 +67,15 @@ def test_metrics_log_truncates_for_resume(tmp_path):
   assert [r["step"] for r in records] == [10, 20]
   assert records[1] == {"step": 20, "loss": 2.0, "per_member": [0, 1]}
   json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+
+
+def test_metrics_log_drops_a_record_cut_short_by_a_kill(tmp_path):
+  log = metrics.MetricsLog(tmp_path / "m.jsonl")
+  for step in (10, 20):
+    log.write(step, loss=1.0)
+  with (tmp_path / "m.jsonl").open("a") as f:
+    f.write('{"step": 30, "lo')  # The process died inside this write.
+  assert [r["step"] for r in log.read()] == [10, 20]
+  log.truncate(20)
+  assert (tmp_path / "m.jsonl").read_text().count("\n") == 2
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["m.jsonl"]
