@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments import build, cli
 from experiments.configs import distill as distill_configs
-from jaxtickets import checkpoint, files, loop, population
+from jaxtickets import checkpoint, errors, files, loop, population
 from jaxtickets import data as data_lib
 from jaxtickets import report as report_lib
 from jaxtickets import train as train_lib
@@ -68,7 +68,7 @@ def method_of(config: ml_collections.ConfigDict) -> methods.Method:
 def outer_iterations(config: ml_collections.ConfigDict, method: methods.Method) -> int:
   """``config.outer_iterations``, or the method's divided by ``num_models`` (same model-steps)."""
   if config.outer_iterations is not None:
-    synthetic.check_positive_int("outer_iterations", config.outer_iterations)
+    errors.check_int("outer_iterations", config.outer_iterations)
     return config.outer_iterations
   return math.ceil(method.outer_iterations / config.num_models)
 
@@ -88,7 +88,7 @@ def check_config(config: ml_collections.ConfigDict) -> methods.Method:
   method = method_of(config)
   build.check_population_options(config)
   for name in ("num_models", "pool_size", "checkpoint_every", "epochs", "batch_size"):
-    synthetic.check_positive_int(name, config[name])
+    errors.check_int(name, config[name])
   if not 0 < config.train_fraction <= 1:
     raise UserError(f"train_fraction={config.train_fraction!r}; expected a value in (0, 1]")
   outer_iterations(config, method)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtickets import data as data_lib
-from jaxtickets import paths, population, tickets
+from jaxtickets import errors, paths, population, tickets
 from jaxtickets import train as train_lib
 from jaxtickets.errors import UserError
 
@@ -125,8 +125,7 @@ def make_error_curve(apply_fn: train_lib.ApplyFn, *, num_points: int = 11, batch
   Raises:
     UserError: ``num_points`` < 2, or bad ``run_options``.
   """
-  if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
-    raise UserError(f"num_points={num_points!r}; expected an int >= 2 (the two endpoints)")
+  errors.check_int("num_points", num_points, 2)  # the two endpoints at least
 
   def point_error(t, params_a, params_b, batch_stats, train, test, key):
     params = interpolate(params_a, params_b, t)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtickets import errors
 from jaxtickets.errors import UserError
 
 PyTree = Any
@@ -233,10 +234,10 @@ def check_options(strategy: str, chunk_size: int | None = None, mesh: Mesh | Non
   """Raises UserError for an unknown strategy or an option that does not apply to it."""
   if strategy not in STRATEGIES:
     raise UserError(f"unknown population strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
-  if chunk_size is not None and (strategy != "map" or not isinstance(chunk_size, int)
-                                 or isinstance(chunk_size, bool) or chunk_size < 1):
-    raise UserError(f"chunk_size={chunk_size!r}; expected a positive int, with strategy 'map' "
-                    "only")
+  if chunk_size is not None:
+    if strategy != "map":
+      raise UserError(f"chunk_size={chunk_size!r} applies to strategy 'map' only")
+    errors.check_int("chunk_size", chunk_size)
   if mesh is not None and strategy != "shard":
     raise UserError(f"a mesh applies to strategy 'shard' only, not {strategy!r}")
 

@@ -24,10 +24,9 @@ import numpy as np
 import optax
 
 from jaxtickets import data as data_lib
-from jaxtickets import loop, population
+from jaxtickets import errors, loop, population
 from jaxtickets import train as train_lib
 from jaxtickets.distill import augment_models, dsa
-from jaxtickets.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +62,7 @@ class Protocol:
 
   def __post_init__(self):
     for field in ("num_nets", "epochs", "batch_size", "checkpoint_every"):
-      value = getattr(self, field)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"evaluation {field}={value!r}; expected an int >= 1")
+      errors.check_int(f"evaluation {field}", getattr(self, field))
     self.dsa_strategy()
 
   def dsa_strategy(self) -> dsa.Strategy:

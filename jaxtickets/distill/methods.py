@@ -212,7 +212,7 @@ def get_method(name: str, images_per_class: int, **overrides: Any) -> Method:
   """
   if name not in METHODS:
     raise UserError(f"unknown distillation method {name!r}; known: {', '.join(METHODS)}")
-  synthetic.check_positive_int("ipc", images_per_class)
+  errors.check_int("ipc", images_per_class)
   fields = {field.name for field in dataclasses.fields(Method)} - {"name"}
   unknown = sorted(set(overrides) - fields)
   if unknown:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtickets import data as data_lib
+from jaxtickets import errors
 from jaxtickets.errors import UserError
 
 INITS = ("noise", "real", "mix")
@@ -30,12 +31,6 @@ INITS = ("noise", "real", "mix")
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
   """i64[K]: examples per class."""
   return np.bincount(np.asarray(labels), minlength=num_classes)[:num_classes]
-
-
-def check_positive_int(name: str, value: object) -> None:
-  """Raises UserError naming ``name`` unless ``value`` is an int >= 1."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise UserError(f"{name}={value!r}; expected an int >= 1")
 
 
 def check_images_per_class(images_per_class: int, labels: np.ndarray, num_classes: int, *,
@@ -49,8 +44,8 @@ def check_images_per_class(images_per_class: int, labels: np.ndarray, num_classe
     factor: multi-formation factor f >= 1.
     init: one of :data:`INITS`; "real" needs IPC real images per class, "mix" IPC * f^2.
   """
-  check_positive_int("ipc", images_per_class)
-  check_positive_int("factor", factor)
+  errors.check_int("ipc", images_per_class)
+  errors.check_int("factor", factor)
   if init not in INITS:
     raise UserError(f"unknown synthetic init {init!r}; known: {', '.join(INITS)}")
   counts = class_counts(labels, num_classes)
