@@ -67,13 +67,17 @@ class Settings:
     inner_iterations: inner iterations per outer iteration.
     timed_inner_iterations: inner iterations per timed call (one scan), scaled up to
       ``inner_iterations``; fewer keep the benchmark short, the per-iteration cost is the same.
-    outer: the outer-iteration variants to time, each ``M/model_map/class_map/dtype/net_steps``:
-      M nets per image update; ``make_distill_step``'s maps over the nets and over the classes
-      ("vmap" batches the per-class weight gradients into grouped convolutions, "unroll" runs
-      them one by one, "map" loops); the nets' compute dtype; net SGD steps per inner iteration
-      (0 times the matching alone).
-    evaluation: the evaluation variants to time, each ``dtype/N``: the nets' compute dtype
-      (params stay float32) and the population size N.
+    outer: the outer-iteration variants to time, each
+      ``M/model_map/class_map/dtype/net_steps[/conv_impl]``: M nets per image update;
+      ``make_distill_step``'s maps over the nets and over the classes ("vmap" batches them,
+      which with XLA's convolutions makes the per-class weight gradients grouped convolutions;
+      "unroll" runs them one by one, "map" loops); the nets' compute dtype; net SGD steps per
+      inner iteration (0 times the matching alone); the model's ``conv_impl`` (default "xla";
+      "im2col" makes the batched convolutions batched matrix products).
+    evaluation: the evaluation variants to time, each ``dtype/N[/conv_impl]``: the nets'
+      compute dtype (params stay float32), the population size N, and the model's
+      ``conv_impl`` (default "xla", run by the measured default strategy; "im2col" is run by
+      ``vmap``, the strategy it is for).
     eval_steps: evaluation steps per timed call.
     num_examples: real images in device memory.
     timings: timed calls (median).
@@ -105,35 +109,37 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(image_size=16, width=8, inner_iterations=2, timed_inner_iterations=2,
-                 outer=("1/unroll/unroll/float32/1",),
-                 evaluation=("float32/1", "float32/2"), eval_steps=2, num_examples=512,
-                 timings=2, torch_steps=3, torch_nets=2, precision_dataset="digits",
+                 outer=("1/unroll/unroll/float32/1", "2/vmap/vmap/float32/1/im2col"),
+                 evaluation=("float32/1", "float32/2", "float32/2/im2col"), eval_steps=2,
+                 num_examples=512, timings=2, torch_steps=3, torch_nets=2, precision_dataset="digits",
                  precision_dtypes=("float32",), precision_epochs=2)
 
 
 class OuterVariant(NamedTuple):
-  """One timed outer-iteration setting (``M/model_map/class_map/dtype/net_steps``; see
-  ``Settings.outer``)."""
+  """One timed outer-iteration setting (``M/model_map/class_map/dtype/net_steps[/conv_impl]``;
+  see ``Settings.outer``)."""
   num_models: int
   model_map: str
   class_map: str
   dtype: str
   net_steps: int
+  conv_impl: str = "xla"
 
   @classmethod
   def parse(cls, text: str) -> OuterVariant:
     parts = text.split("/")
-    if len(parts) != 5 or not parts[0].isdigit() or not parts[4].isdigit():
-      raise UserError(f"outer variant {text!r}: expected M/model_map/class_map/dtype/net_steps, "
-                      "e.g. 1/vmap/unroll/bfloat16/32")
-    return cls(int(parts[0]), parts[1], parts[2], parts[3], int(parts[4]))
+    if len(parts) not in (5, 6) or not parts[0].isdigit() or not parts[4].isdigit():
+      raise UserError(f"outer variant {text!r}: expected "
+                      "M/model_map/class_map/dtype/net_steps[/conv_impl], "
+                      "e.g. 1/vmap/unroll/bfloat16/32 or 10/vmap/vmap/bfloat16/32/im2col")
+    return cls(int(parts[0]), parts[1], parts[2], parts[3], int(parts[4]), *parts[5:])
 
 
 def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str, Any]:
   """Seconds of one Acc-DD outer iteration (inner iterations as one compiled scan)."""
   image_shape = (settings.image_size, settings.image_size, 3)
   model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width,
-                    dtype=variant.dtype)
+                    dtype=variant.dtype, conv_impl=variant.conv_impl)
   method = methods.get_method("acc_dd", IPC, inner_iterations=settings.inner_iterations,
                               net_steps=variant.net_steps)
   net_optimizer = train_lib.sgd(0.01)
@@ -168,10 +174,13 @@ def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str,
           "projected_outer_iterations": settings.projected_outer / variant.num_models}
 
 
-def time_evaluation(settings: Settings, num_nets: int, dtype: str) -> dict[str, Any]:
-  """Images/s of ``num_nets`` evaluation nets trained as one population in ``dtype``."""
+def time_evaluation(settings: Settings, num_nets: int, dtype: str,
+                    conv_impl: str = "xla") -> dict[str, Any]:
+  """Images/s of ``num_nets`` evaluation nets trained as one population in ``dtype`` (see
+  ``Settings.evaluation`` for ``conv_impl``)."""
   image_shape = (settings.image_size, settings.image_size, 3)
-  model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width, dtype=dtype)
+  model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width, dtype=dtype,
+                    conv_impl=conv_impl)
   protocol = evaluate.Protocol(num_nets=num_nets)
   split = common.synthetic_split(NUM_CLASSES * IPC * 4, image_shape, NUM_CLASSES, seed=1)
   steps_per_epoch = data_lib.steps_per_epoch(len(split.labels), protocol.batch_size)
@@ -181,7 +190,8 @@ def time_evaluation(settings: Settings, num_nets: int, dtype: str) -> dict[str, 
   step = evaluate.make_step(train_lib.model_apply_fn(model, MEAN, STD), protocol, net_optimizer,
                             len(split.labels), MEAN, STD)
   num_params = sum(leaf.size for leaf in jax.tree.leaves(nets.params)) // num_nets
-  options = population.default_strategy("convnet3", num_params)
+  options = (population.default_strategy("convnet3", num_params) if conv_impl == "xla"
+             else {"strategy": "vmap", "chunk_size": None})
   data = train_lib.device_data(split)
   run, compile_s = common.compile_ahead(
       train_lib.repeat(population.run(step, **options), settings.eval_steps), nets, data)
@@ -193,7 +203,8 @@ def time_evaluation(settings: Settings, num_nets: int, dtype: str) -> dict[str, 
 
   first, seconds = common.first_and_median_seconds(call, settings.timings)
   images = num_nets * protocol.batch_size * settings.eval_steps
-  return {"num_nets": num_nets, "dtype": dtype, "strategy": options["strategy"],
+  return {"num_nets": num_nets, "dtype": dtype, "conv_impl": conv_impl,
+          "strategy": options["strategy"],
           "images_per_s": images / seconds, "step_ms": 1e3 * seconds / settings.eval_steps,
           "compile_s": compile_s, "first_call_s": first, "host_waits": compiled.host_waits(run)}
 
@@ -314,11 +325,18 @@ PARTS = ("outer", "evaluation", "precision")
 DEFAULT_PARTS = ("outer", "evaluation")
 
 
-def _evaluation_variant(text: str) -> tuple[str, int]:
-  dtype, _, num_nets = text.partition("/")
-  if not num_nets.isdigit() or int(num_nets) < 1:
-    raise UserError(f"evaluation variant {text!r}: expected dtype/N, e.g. bfloat16/32")
-  return dtype, int(num_nets)
+def _evaluation_variant(text: str) -> tuple[str, int, str]:
+  """(dtype, N, conv_impl) of ``dtype/N[/conv_impl]``."""
+  dtype, num_nets, *conv_impl = text.split("/")
+  if len(conv_impl) > 1 or not num_nets.isdigit() or int(num_nets) < 1:
+    raise UserError(f"evaluation variant {text!r}: expected dtype/N[/conv_impl], e.g. "
+                    "bfloat16/32 or bfloat16/32/im2col")
+  return dtype, int(num_nets), *(conv_impl or ["xla"])
+
+
+def _impl_suffix(conv_impl: str) -> str:
+  """"" for XLA's convolutions, "+im2col" for the other implementation (printed labels)."""
+  return "" if conv_impl == "xla" else f"+{conv_impl}"
 
 
 def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any]], None],
@@ -337,13 +355,13 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
   if variants:
     print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations; net_steps 0 "
           "times the matching alone):")
-    print(f"{'M':>3}  {'maps':<14}{'dtype':<10}{'net steps':>10}{'s/outer':>10}"
+    print(f"{'M':>3}  {'maps':<21}{'dtype':<10}{'net steps':>10}{'s/outer':>10}"
           f"{'compile s':>11}{'host waits':>12}{'projected':>22}")
   for variant in variants:
     result = time_outer_iteration(settings, variant)
     report["outer_iteration"].append(result)
-    maps = f"{variant.model_map}/{variant.class_map}"
-    print(f"{variant.num_models:>3}  {maps:<14}{variant.dtype:<10}"
+    maps = f"{variant.model_map}/{variant.class_map}" + _impl_suffix(variant.conv_impl)
+    print(f"{variant.num_models:>3}  {maps:<21}{variant.dtype:<10}"
           f"{variant.net_steps:>10}{result['outer_iteration_s']:>10.3f}"
           f"{result['compile_s']:>11.1f}{len(result['host_waits']):>12}"
           f"{result['projected_s'] / 60:>12.1f} min for {result['projected_outer_iterations']:.0f}"
@@ -353,12 +371,13 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
       if "evaluation" in parts else []
   if evaluations:
     print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
-    print(f"{'dtype':<9}{'N':>3}  {'strategy':<9}{'images/s':>12}{'ms/step':>10}"
+    print(f"{'dtype':<9}{'N':>3}  {'strategy':<14}{'images/s':>12}{'ms/step':>10}"
           f"{'host waits':>12}")
-  for dtype, num_nets in evaluations:
-    result = time_evaluation(settings, num_nets, dtype)
+  for dtype, num_nets, conv_impl in evaluations:
+    result = time_evaluation(settings, num_nets, dtype, conv_impl)
     report["evaluation"].append(result)
-    print(f"{dtype:<9}{num_nets:>3}  {result['strategy']:<9}{result['images_per_s']:>12,.0f}"
+    strategy = result["strategy"] + _impl_suffix(conv_impl)
+    print(f"{dtype:<9}{num_nets:>3}  {strategy:<14}{result['images_per_s']:>12,.0f}"
           f"{result['step_ms']:>10.2f}{len(result['host_waits']):>12}", flush=True)
     save(report)
   if "precision" in parts:
@@ -370,8 +389,9 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
     save(report)
   if evaluations and common.torch_cuda_available():
     torch_speed = time_torch_evaluation(settings)
-    largest = max(num_nets for _, num_nets in evaluations)
-    speedups = {result["dtype"]: result["images_per_s"] / torch_speed
+    largest = max(num_nets for _, num_nets, _ in evaluations)
+    speedups = {result["dtype"] + _impl_suffix(result["conv_impl"]):
+                result["images_per_s"] / torch_speed
                 for result in report["evaluation"] if result["num_nets"] == largest}
     report["torch"] = {"images_per_s": torch_speed, "nets": settings.torch_nets,
                        "steps_per_net": settings.torch_steps, "dtype": "float32",
@@ -392,10 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated subset of: {', '.join(PARTS)} (precision needs "
                         "--dataset, default the shared CIFAR-10 npz)")
     parser.add_argument("--dataset", help="the precision part's dataset")
-    parser.add_argument("--outer", help="comma-separated M/model_map/class_map/dtype/net_steps "
-                        "variants "
+    parser.add_argument("--outer", help="comma-separated "
+                        "M/model_map/class_map/dtype/net_steps[/conv_impl] variants "
                         "(default: the settings')")
-    parser.add_argument("--evaluation", help="comma-separated dtype/N variants")
+    parser.add_argument("--evaluation", help="comma-separated dtype/N[/conv_impl] variants")
 
   args = common.parse_args(__doc__, "benchmarks/out/distill.json", argv, extra)
   parts = [part for part in args.parts.split(",") if part]

@@ -6,7 +6,9 @@ For ConvNet-3 (batch 64) and ResNet-18 (batch 256) on synthetic 32x32x3 uint8 im
 device memory, it times one training step of N members (each member draws its batch on device,
 then forward, backward and SGD with momentum and weight decay; no augmentation) under every
 strategy of ``jaxtickets.population``: ``vmap``, ``map`` in chunks, and ``shard`` when there is
-more than one device; in float32 and bfloat16 compute (parameters stay float32). Every
+more than one device, each strategy that vmaps members with XLA's convolutions and with the
+models' ``conv_impl="im2col"`` (batched matrix products instead of grouped convolutions; labelled
+``+im2col``); in float32 and bfloat16 compute (parameters stay float32). Every
 configuration is compiled and run once, then timed several times over calls of several steps
 (one ``lax.scan`` each); images/s = N * batch * steps per call / median seconds per call.
 
@@ -106,20 +108,24 @@ class Result:
   images_per_s: float | None
   step_ms: float | None
   error: str | None = None
+  conv_impl: str = "xla"
 
 
-def _strategies(num_members: int, chunk_size: int) -> list[tuple[str, int | None]]:
-  """(strategy, chunk size) pairs that apply to a population of ``num_members``.
+def _strategies(num_members: int, chunk_size: int) -> list[tuple[str, int | None, str]]:
+  """(strategy, chunk size, conv_impl) triples that apply to a population of ``num_members``.
 
   ``map`` runs one member at a time (the plain, ungrouped convolutions) and, when the population
-  is larger than a chunk, in chunks of ``chunk_size`` vmapped members.
+  is larger than a chunk, in chunks of ``chunk_size`` vmapped members. Every strategy that vmaps
+  several members is also timed with ``conv_impl="im2col"``.
   """
-  strategies = [("vmap", None), ("map", 1)]
+  vmapped = [("vmap", None)]
   if 1 < chunk_size < num_members:
-    strategies.append(("map", chunk_size))
+    vmapped.append(("map", chunk_size))
   if jax.device_count() > 1 and num_members % jax.device_count() == 0:
-    strategies.append(("shard", None))
-  return strategies
+    vmapped.append(("shard", None))
+  impls = ("xla", "im2col") if num_members > 1 else ("xla",)
+  return ([(strategy, chunk, impl) for strategy, chunk in vmapped for impl in impls]
+          + [("map", 1, "xla")])
 
 
 def _error_line(error: Exception) -> str:
@@ -132,10 +138,10 @@ def time_strategies(model_name: str, dtype: str, num_members: int, data: train_l
   model_settings = settings.models[model_name]
   batch_size = model_settings.batch_size
   width = {} if model_settings.width is None else {"width": model_settings.width}
-  model = get_model(model_name, num_classes=NUM_CLASSES, dtype=dtype, **width)
+  models = {impl: get_model(model_name, num_classes=NUM_CLASSES, dtype=dtype, conv_impl=impl,
+                            **width) for impl in ("xla", "im2col")}
+  model = models["xla"]  # Both implementations have the same params.
   optimizer = train_lib.sgd(LEARNING_RATE)
-  step = train_lib.make_train_step(train_lib.model_apply_fn(model, MEAN, STD), optimizer,
-                                   batch_size=batch_size, augment=None)
 
   def member(key: jax.Array) -> train_lib.TrainState:
     init_key, data_key = jax.random.split(key)
@@ -146,13 +152,15 @@ def time_strategies(model_name: str, dtype: str, num_members: int, data: train_l
   try:
     states = population.init(member, jax.random.split(jax.random.PRNGKey(0), num_members))
   except jax.errors.JaxRuntimeError as error:  # Out of device memory, typically.
-    for strategy, chunk_size in strategies:
+    for strategy, chunk_size, impl in strategies:
       yield Result(model_name, dtype, num_members, strategy, chunk_size, batch_size, None, None,
-                   _error_line(error))
+                   _error_line(error), impl)
     return
-  for strategy, chunk_size in strategies:
+  for strategy, chunk_size, impl in strategies:
     result = functools.partial(Result, model_name, dtype, num_members, strategy, chunk_size,
-                               batch_size)
+                               batch_size, conv_impl=impl)
+    step = train_lib.make_train_step(train_lib.model_apply_fn(models[impl], MEAN, STD),
+                                     optimizer, batch_size=batch_size, augment=None)
     try:
       if strategy == "shard":
         mesh = population.make_mesh()
@@ -235,19 +243,19 @@ def fastest(results: Sequence[Result]) -> dict[tuple[str, str, int], Result]:
 
 
 def _strategy_label(result: Result) -> str:
-  if result.chunk_size is None:
-    return result.strategy
-  return f"{result.strategy}(chunk={result.chunk_size})"
+  chunk = "" if result.chunk_size is None else f"(chunk={result.chunk_size})"
+  impl = "" if result.conv_impl == "xla" else f"+{result.conv_impl}"
+  return f"{result.strategy}{chunk}{impl}"
 
 
-_HEADER = f"{'model':<10}{'dtype':<10}{'N':>4}  {'strategy':<16}{'images/s':>12}{'ms/step':>10}"
+_HEADER = f"{'model':<10}{'dtype':<10}{'N':>4}  {'strategy':<24}{'images/s':>12}{'ms/step':>10}"
 
 
 def _row(result: Result) -> str:
   speed = (f"{result.images_per_s:>12,.0f}{result.step_ms:>10.2f}"
            if result.images_per_s is not None else f"  failed: {result.error}")
   return (f"{result.model:<10}{result.dtype:<10}{result.members:>4}  "
-          f"{_strategy_label(result):<16}{speed}")
+          f"{_strategy_label(result):<24}{speed}")
 
 
 def _report(settings: Settings, quick: bool, results: Sequence[Result],
@@ -259,7 +267,8 @@ def _report(settings: Settings, quick: bool, results: Sequence[Result],
       "settings": dataclasses.asdict(settings),
       "results": [dataclasses.asdict(result) for result in results],
       "fastest": [{"model": m, "dtype": d, "members": n, "strategy": r.strategy,
-                   "chunk_size": r.chunk_size, "images_per_s": r.images_per_s}
+                   "chunk_size": r.chunk_size, "conv_impl": r.conv_impl,
+                   "images_per_s": r.images_per_s}
                   for (m, d, n), r in fastest(results).items()],
       "torch": torch_report,
   }

@@ -10,7 +10,9 @@ only in speed and memory:
 * ``"map"``: ``lax.map`` in chunks of ``chunk_size`` members (vmap inside a chunk, chunks one
   after another). For large conv nets: vmapping conv weights turns every conv into a grouped
   convolution, which is slower per image than the plain one, and activations of all N members
-  need not fit at once. The default on CPU, which has no fast grouped convolution.
+  need not fit at once. The default on CPU, which has no fast grouped convolution. (A model
+  built with ``conv_impl="im2col"`` has no convolutions to group: vmapped, its convs are
+  batched matrix products; ``models.conv``.)
 * ``"shard"``: the member axis is split over the devices of a 1-D mesh axis named
   ``"population"``, each device vmapping its share; shared inputs (the data) are replicated.
 

@@ -1,5 +1,6 @@
-"""models.conv: the models' convolution equals lax's to second order, and keeps loop bodies on
-XLA:CPU's Eigen path (compiled.noncanonical_convolutions)."""
+"""models.conv: both of the models' convolutions equal lax's to second order; XLA's keeps loop
+bodies on XLA:CPU's Eigen path (compiled.noncanonical_convolutions), im2col keeps vmapped
+kernels out of grouped convolutions."""
 
 import functools
 
@@ -12,7 +13,7 @@ from jaxtickets import compiled
 from jaxtickets import train as train_lib
 from jaxtickets.models import conv, get_model
 
-from assertions import assert_fast_in_a_loop, program_of
+from assertions import assert_fast_in_a_loop, assert_one_line_user_error, program_of
 
 CANONICAL = ("NHWC", "HWIO", "NHWC")
 
@@ -31,13 +32,14 @@ def _functions(conv_fn, stride, padding):
   return apply, loss, kernel_gradient_norm
 
 
+@pytest.mark.parametrize("impl", conv.CONV_IMPLS)
 @pytest.mark.parametrize("size,window,stride,padding", [
     (8, 3, 1, "SAME"), (9, 3, 2, ((1, 1), (1, 1))), (8, 1, 2, "VALID"),
     (10, 5, 1, ((2, 2), (2, 2))), (7, 7, 2, ((3, 3), (3, 3))), (8, 3, 1, ((0, 2), (1, 0)))])
-def test_conv_equals_lax_to_second_order(size, window, stride, padding):
+def test_conv_equals_lax_to_second_order(size, window, stride, padding, impl):
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
   kernel = jax.random.normal(jax.random.key(1), (window, window, 3, 4))
-  ours = _functions(conv.conv_general_dilated, stride, padding)
+  ours = _functions(conv.CONV_IMPLS[impl], stride, padding)
   lax_ = _functions(jax.lax.conv_general_dilated, stride, padding)
   np.testing.assert_allclose(ours[0](x, kernel), lax_[0](x, kernel), rtol=1e-5, atol=1e-5)
   for ours_grad, lax_grad in zip(jax.grad(ours[1], (0, 1))(x, kernel),
@@ -54,14 +56,15 @@ def test_conv_equals_lax_to_second_order(size, window, stride, padding):
     (((2, 8, 8, 3), (3, 3, 3, 4)), {"dimension_numbers": CANONICAL, "rhs_dilation": (2, 2)}),
     (((2, 3, 8, 8), (4, 3, 3, 3)), {"dimension_numbers": None}),  # NCHW / OIHW
 ])
-def test_other_convolutions_are_lax_itself(shapes, options):
+@pytest.mark.parametrize("impl", conv.CONV_IMPLS)
+def test_other_convolutions_are_lax_itself(shapes, options, impl):
   x, kernel = (jax.random.normal(jax.random.key(i), shape) for i, shape in enumerate(shapes))
   spatial = len(shapes[0]) - 2
 
   def loss(conv_fn, x, kernel):
     return jnp.sum(jnp.sin(conv_fn(x, kernel, (1,) * spatial, "SAME", **options)))
 
-  for ours, theirs in zip(jax.grad(functools.partial(loss, conv.conv_general_dilated), (0, 1))(
+  for ours, theirs in zip(jax.grad(functools.partial(loss, conv.CONV_IMPLS[impl]), (0, 1))(
       x, kernel), jax.grad(functools.partial(loss, jax.lax.conv_general_dilated), (0, 1))(
           x, kernel)):
     np.testing.assert_array_equal(ours, theirs)
@@ -107,3 +110,35 @@ def test_training_loop_runs_every_convolution_on_eigen(digits, name, options):
   state = train_lib.create_train_state(jax.random.key(1), params, batch_stats, optimizer)
   step = train_lib.make_train_step(apply_fn, optimizer, batch_size=8)
   assert_fast_in_a_loop(step, state, train_lib.device_data(digits.train))
+
+
+def _population_loss(model, x):
+  """f32[] of a population's params f32[N, ...]: the sum of every member's loss on x."""
+
+  def loss(params):
+    return jnp.sum(jnp.sin(model.apply({"params": params}, x)))
+
+  return lambda population: jnp.sum(jax.vmap(loss)(population))
+
+
+def test_im2col_model_is_the_xla_model_and_keeps_a_population_out_of_grouped_convolutions():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  models = {impl: get_model("convnet3", num_classes=5, width=4, conv_impl=impl)
+            for impl in ("xla", "im2col")}
+  population = jax.vmap(lambda key: models["xla"].init(key, x)["params"])(jax.random.split(
+      jax.random.key(1), 3))
+  np.testing.assert_allclose(
+      *(jax.vmap(lambda params, m=m: m.apply({"params": params}, x))(population)
+        for m in models.values()), rtol=1e-5, atol=1e-5)
+  programs = {impl: program_of(jax.grad(_population_loss(m, x)), population)
+              for impl, m in models.items()}
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
+               *(program(population) for program in programs.values()))
+  assert "feature_group_count=3" in programs["xla"].as_text()
+  assert "convolution(" not in programs["im2col"].as_text()
+
+
+def test_unknown_conv_impl_is_a_user_error():
+  assert_one_line_user_error(
+      lambda: get_model("convnet3", num_classes=10, conv_impl="winograd"),
+      "unknown conv_impl 'winograd'", "im2col")

@@ -88,6 +88,8 @@ def _base() -> ml_collections.ConfigDict:
   c.checkpoint_every = 10  # Outer iterations between checkpoints of the synthetic set.
   # How the matching runs the nets and the classes ("vmap", "map", "unroll"; see
   # jaxtickets.distill.matching.matching_losses); model_map None: map on CPU, vmap elsewhere.
+  # With XLA's convolutions a vmap groups them (slow); model_options.conv_impl="im2col" makes
+  # them batched matrix products instead (jaxtickets/models/conv.py, benchmarks/RESULTS.md).
   c.model_map = None
   c.class_map = "unroll"
   c.strategy = None  # Population strategy of the nets; None: the measured default.

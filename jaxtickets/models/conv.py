@@ -1,4 +1,4 @@
-"""The models' convolution: ``lax.conv_general_dilated``, with loop-safe gradients on XLA:CPU.
+"""The models' convolutions: XLA's, with loop-safe gradients on XLA:CPU, or im2col matmuls.
 
 Why: XLA:CPU runs a convolution through Eigen only when its dimension numbers are NHWC / HWIO /
 NHWC, and its ``ConvCanonicalization`` pass rewrites the others into that form only in the
@@ -23,6 +23,17 @@ XLA's ``ConvOperandSwapper`` turns a conv whose window is larger than its input 
 a 2x2 feature map; in second-order gradients, the input gradient of a kernel gradient) into a
 swapped form Eigen cannot run either; such inputs are padded explicitly first (``_eigen_conv``).
 ``compiled.noncanonical_convolutions`` checks the result in the tests.
+
+:func:`im2col_conv_general_dilated` is the other implementation a model can choose
+(``conv_impl="im2col"``): the same convolution as one matrix product of the input's patches with
+the reshaped kernel. Why: under ``vmap`` over the kernel (a population of nets) XLA turns a
+convolution into a grouped one, slow on both backends measured (a training step of 4 vmapped
+ConvNet-3s: 3.1 s on 2 CPU cores, vs 1.0 s with im2col; on an H100, 32 vmapped ConvNet-3s ran
+at ~55 of its ~990 bf16 TFLOP/s), and under ``vmap`` over the input with a shared kernel
+(matching one net on several classes) its kernel gradient becomes a batch-grouped one (8.4x
+slower on an H100). The matrix product batches into a batched GEMM instead. The price is
+memory: the patches are ``k * k`` times the input. Which is faster on a GPU is measured by
+``benchmarks/population.py`` and ``benchmarks/distill.py`` (``benchmarks/RESULTS.md``).
 
 A custom VJP has no forward mode: on CPU, ``jax.jvp`` / ``jax.jacfwd`` through a model raise
 (reverse mode, to any order, works). Nothing in jaxtickets uses forward mode.
@@ -109,6 +120,24 @@ def _backward(strides, padding, residuals, dy):
 canonical_conv.defvjp(_forward, _backward)
 
 
+def _is_plain_2d(lhs, rhs, dimension_numbers, feature_group_count, batch_group_count,
+                 lhs_dilation, rhs_dilation) -> bool:
+  """Whether a ``lax.conv_general_dilated`` call is 2-D NHWC / HWIO / NHWC, undilated and
+  ungrouped: the convolutions both implementations rewrite."""
+  return (lhs.ndim == rhs.ndim == 4
+          and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CANONICAL)
+          and feature_group_count == 1 and batch_group_count == 1
+          and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+
+
+def _explicit_padding(lhs, rhs, window_strides, padding) -> Padding:
+  """((low, high), ...) of a ``lax.conv_general_dilated`` padding ("SAME", "VALID" or pairs)."""
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], window_strides, padding)
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                          padding: str | Sequence[tuple[int, int]],
                          lhs_dilation: Sequence[int] | None = None,
@@ -119,18 +148,68 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   """``lax.conv_general_dilated``'s signature; :func:`canonical_conv` where it applies (CPU,
   2-D NHWC / HWIO, no dilation, one group, default precision)."""
   canonical = (
-      jax.default_backend() == "cpu" and lhs.ndim == rhs.ndim == 4
-      and lax.conv_dimension_numbers(
-          lhs.shape, rhs.shape, dimension_numbers) == lax.conv_dimension_numbers(
-              lhs.shape, rhs.shape, _CANONICAL)
-      and feature_group_count == 1 and batch_group_count == 1
-      and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+      jax.default_backend() == "cpu"
+      and _is_plain_2d(lhs, rhs, dimension_numbers, feature_group_count, batch_group_count,
+                       lhs_dilation, rhs_dilation)
       and precision is None and preferred_element_type is None)
   if not canonical:
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count, precision, preferred_element_type)
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], window_strides, padding)
   return canonical_conv(lhs, rhs, tuple(window_strides),
-                        tuple((int(lo), int(hi)) for lo, hi in padding))
+                        _explicit_padding(lhs, rhs, window_strides, padding))
+
+
+def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Padding,
+                precision=None, preferred_element_type=None) -> jax.Array:
+  """A 2-D NHWC / HWIO / NHWC convolution as patches times kernel (module docstring).
+
+  Args:
+    x: f[B, H, W, C_in].
+    kernel: f[kh, kw, C_in, C_out].
+    strides: (s_h, s_w).
+    padding: ((low, high), (low, high)), each >= 0.
+    precision: as for ``lax.dot_general``.
+    preferred_element_type: as for ``lax.dot_general``.
+
+  Returns:
+    f[B, H', W', C_out], H' = (H + low + high - kh) // s_h + 1 (likewise W'); equal to
+    ``lax.conv_general_dilated`` up to the order of the sums.
+  """
+  window_h, window_w, channels, features = kernel.shape
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  out_h = (x.shape[1] - window_h) // strides[0] + 1
+  out_w = (x.shape[2] - window_w) // strides[1] + 1
+  # Patch channels ordered (row, column, C_in), as the HWIO kernel flattens.
+  patches = jnp.concatenate([
+      lax.slice(x, (0, row, column, 0),
+                (x.shape[0], row + strides[0] * (out_h - 1) + 1,
+                 column + strides[1] * (out_w - 1) + 1, channels), (1, *strides, 1))
+      for row in range(window_h) for column in range(window_w)], axis=-1)
+  return lax.dot_general(patches, kernel.reshape(window_h * window_w * channels, features),
+                         (((3,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=preferred_element_type)
+
+
+def im2col_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                                padding: str | Sequence[tuple[int, int]],
+                                lhs_dilation: Sequence[int] | None = None,
+                                rhs_dilation: Sequence[int] | None = None,
+                                dimension_numbers=None, feature_group_count: int = 1,
+                                batch_group_count: int = 1, precision=None,
+                                preferred_element_type=None) -> jax.Array:
+  """``lax.conv_general_dilated``'s signature; :func:`im2col_conv` where it applies (2-D
+  NHWC / HWIO, no dilation, one group, padding >= 0), :func:`conv_general_dilated` otherwise
+  (depthwise convolutions)."""
+  if _is_plain_2d(lhs, rhs, dimension_numbers, feature_group_count, batch_group_count,
+                  lhs_dilation, rhs_dilation):
+    pads = _explicit_padding(lhs, rhs, window_strides, padding)
+    if all(lo >= 0 and hi >= 0 for lo, hi in pads):
+      return im2col_conv(lhs, rhs, tuple(window_strides), pads, precision,
+                         preferred_element_type)
+  return conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, batch_group_count, precision, preferred_element_type)
+
+
+CONV_IMPLS = {"xla": conv_general_dilated, "im2col": im2col_conv_general_dilated}

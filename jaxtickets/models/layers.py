@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxtickets import errors
 from jaxtickets.errors import UserError
-from jaxtickets.models.conv import conv_general_dilated
+from jaxtickets.models.conv import CONV_IMPLS
 from jaxtickets.models.init import INITIALIZER_NAMES, get_initializer, pytorch_bias_init
 
 NORM_KINDS: tuple[str, ...] = ("batch", "batch_noaffine", "group", "instance", "none")
@@ -71,6 +71,7 @@ class Layers:
     kernel_init: initializer name for conv kernels (see ``init.get_initializer``).
     head_init: initializer name for the classifier kernel.
     head_bias: whether the classifier has a bias.
+    conv_impl: how convs are computed, a key of ``conv.CONV_IMPLS`` (see ``Classifier``).
   """
 
   norm: str
@@ -79,6 +80,7 @@ class Layers:
   kernel_init: str
   head_init: str
   head_bias: bool
+  conv_impl: str = "xla"
 
   @property
   def has_norm(self) -> bool:
@@ -108,7 +110,7 @@ class Layers:
         dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=get_initializer(self.kernel_init),
         bias_init=pytorch_bias_init(kernel_size * kernel_size * x.shape[-1] // groups),
-        conv_general_dilated=conv_general_dilated, name=name)(x)
+        conv_general_dilated=CONV_IMPLS[self.conv_impl], name=name)(x)
 
   def norm_layer(self, x: Array, *, train: bool, name: str) -> Array:
     """Normalizes x: f[B, H, W, C] with the model's norm kind; identity for "none".
@@ -180,6 +182,8 @@ def check_options(model: nn.Module) -> None:
     if value not in INITIALIZER_NAMES:
       raise UserError(f"unknown {option} {value!r}; known: {', '.join(INITIALIZER_NAMES)}")
   errors.check_int("width", model.width)
+  if model.conv_impl not in CONV_IMPLS:
+    raise UserError(f"unknown conv_impl {model.conv_impl!r}; known: {', '.join(CONV_IMPLS)}")
 
 
 def norm_names(norm: str, *names: str) -> tuple[str, ...]:
@@ -213,6 +217,10 @@ class Classifier(nn.Module):
     kernel_init: conv kernel initializer name.
     head_init: classifier kernel initializer name.
     width: base width (channels of the first stage); the architecture's default.
+    conv_impl: "xla" (XLA's convolution: cuDNN on GPUs) or "im2col" (patches times kernel, one
+      matrix product). Same function and params; "im2col" is for populations run by ``vmap``,
+      where XLA's convolutions become slow grouped ones (``models.conv``), at the cost of
+      ``k * k`` times the activation memory.
   """
 
   num_classes: int
@@ -223,11 +231,12 @@ class Classifier(nn.Module):
   kernel_init: str = "pytorch"
   head_init: str = "pytorch"
   width: int = 64
+  conv_impl: str = "xla"
 
   def _layers(self) -> Layers:
     return Layers(norm=self.norm, dtype=resolve_dtype(self.dtype), use_bias=self.use_bias,
                   kernel_init=self.kernel_init, head_init=self.head_init,
-                  head_bias=self.head_bias)
+                  head_bias=self.head_bias, conv_impl=self.conv_impl)
 
   def _emit(self, name: str, x: Array) -> Array:
     """Sows the output of top-level module ``name`` into ``intermediates[BLOCK_OUTPUTS][name]``.
