@@ -70,10 +70,11 @@ def test_other_convolutions_are_lax_itself(shapes, options, impl):
     np.testing.assert_array_equal(ours, theirs)
 
 
-def test_conv_keeps_bfloat16():
+@pytest.mark.parametrize("impl", conv.CONV_IMPLS)
+def test_conv_keeps_bfloat16(impl):
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3), jnp.bfloat16)
   kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), jnp.bfloat16)
-  ours, loss, _ = _functions(conv.conv_general_dilated, 1, "SAME")
+  ours, loss, _ = _functions(conv.CONV_IMPLS[impl], 1, "SAME")
   assert ours(x, kernel).dtype == jnp.bfloat16
   dx, dkernel = jax.grad(loss, (0, 1))(x, kernel)
   assert dx.dtype == dkernel.dtype == jnp.bfloat16
