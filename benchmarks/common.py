@@ -99,3 +99,8 @@ def json_writer(out: str | pathlib.Path) -> Callable[[dict[str, Any]], None]:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
   return save
+
+
+def error_line(error: Exception) -> str:
+  """The first line of ``error``'s message (its type's name when empty), for a failed row."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]

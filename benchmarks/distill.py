@@ -36,6 +36,7 @@ only show that the benchmark runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -111,8 +112,8 @@ FULL = Settings()
 QUICK = Settings(image_size=16, width=8, inner_iterations=2, timed_inner_iterations=2,
                  outer=("1/unroll/unroll/float32/1", "2/vmap/vmap/float32/1/im2col"),
                  evaluation=("float32/1", "float32/2", "float32/2/im2col"), eval_steps=2,
-                 num_examples=512, timings=2, torch_steps=3, torch_nets=2, precision_dataset="digits",
-                 precision_dtypes=("float32",), precision_epochs=2)
+                 num_examples=512, timings=2, torch_steps=3, torch_nets=2,
+                 precision_dataset="digits", precision_dtypes=("float32",), precision_epochs=2)
 
 
 class OuterVariant(NamedTuple):
@@ -339,6 +340,17 @@ def _impl_suffix(conv_impl: str) -> str:
   return "" if conv_impl == "xla" else f"+{conv_impl}"
 
 
+def _attempt(measure: Callable[[], dict[str, Any]], identity: dict[str, Any],
+             row: str) -> dict[str, Any]:
+  """``measure()``; when the device fails it (out of memory, typically), ``identity`` with the
+  error's first line under "error", printed after ``row``, so later variants still run."""
+  try:
+    return measure()
+  except jax.errors.JaxRuntimeError as error:
+    print(f"{row}  failed: {common.error_line(error)}", flush=True)
+    return {**identity, "error": common.error_line(error)}
+
+
 def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any]], None],
                   parts: Sequence[str] = DEFAULT_PARTS) -> dict[str, Any]:
   """Times ``parts`` (see module docstring; "evaluation" includes the PyTorch baseline), prints
@@ -358,14 +370,16 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
     print(f"{'M':>3}  {'maps':<21}{'dtype':<10}{'net steps':>10}{'s/outer':>10}"
           f"{'compile s':>11}{'host waits':>12}{'projected':>22}")
   for variant in variants:
-    result = time_outer_iteration(settings, variant)
-    report["outer_iteration"].append(result)
     maps = f"{variant.model_map}/{variant.class_map}" + _impl_suffix(variant.conv_impl)
-    print(f"{variant.num_models:>3}  {maps:<21}{variant.dtype:<10}"
-          f"{variant.net_steps:>10}{result['outer_iteration_s']:>10.3f}"
-          f"{result['compile_s']:>11.1f}{len(result['host_waits']):>12}"
-          f"{result['projected_s'] / 60:>12.1f} min for {result['projected_outer_iterations']:.0f}"
-          f" outer", flush=True)
+    row = f"{variant.num_models:>3}  {maps:<21}{variant.dtype:<10}{variant.net_steps:>10}"
+    result = _attempt(functools.partial(time_outer_iteration, settings, variant),
+                      variant._asdict(), row)
+    report["outer_iteration"].append(result)
+    if "error" not in result:
+      print(f"{row}{result['outer_iteration_s']:>10.3f}"
+            f"{result['compile_s']:>11.1f}{len(result['host_waits']):>12}"
+            f"{result['projected_s'] / 60:>12.1f} min for "
+            f"{result['projected_outer_iterations']:.0f} outer", flush=True)
     save(report)
   evaluations = [_evaluation_variant(text) for text in settings.evaluation] \
       if "evaluation" in parts else []
@@ -374,11 +388,14 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
     print(f"{'dtype':<9}{'N':>3}  {'strategy':<14}{'images/s':>12}{'ms/step':>10}"
           f"{'host waits':>12}")
   for dtype, num_nets, conv_impl in evaluations:
-    result = time_evaluation(settings, num_nets, dtype, conv_impl)
+    result = _attempt(functools.partial(time_evaluation, settings, num_nets, dtype, conv_impl),
+                      {"num_nets": num_nets, "dtype": dtype, "conv_impl": conv_impl},
+                      f"{dtype:<9}{num_nets:>3}  {conv_impl:<14}")
     report["evaluation"].append(result)
-    strategy = result["strategy"] + _impl_suffix(conv_impl)
-    print(f"{dtype:<9}{num_nets:>3}  {strategy:<14}{result['images_per_s']:>12,.0f}"
-          f"{result['step_ms']:>10.2f}{len(result['host_waits']):>12}", flush=True)
+    if "error" not in result:
+      strategy = result["strategy"] + _impl_suffix(conv_impl)
+      print(f"{dtype:<9}{num_nets:>3}  {strategy:<14}{result['images_per_s']:>12,.0f}"
+            f"{result['step_ms']:>10.2f}{len(result['host_waits']):>12}", flush=True)
     save(report)
   if "precision" in parts:
     print(f"\nEvaluation accuracy by compute dtype ({settings.precision_dataset}, "
@@ -391,8 +408,8 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
     torch_speed = time_torch_evaluation(settings)
     largest = max(num_nets for _, num_nets, _ in evaluations)
     speedups = {result["dtype"] + _impl_suffix(result["conv_impl"]):
-                result["images_per_s"] / torch_speed
-                for result in report["evaluation"] if result["num_nets"] == largest}
+                result["images_per_s"] / torch_speed for result in report["evaluation"]
+                if result["num_nets"] == largest and "error" not in result}
     report["torch"] = {"images_per_s": torch_speed, "nets": settings.torch_nets,
                        "steps_per_net": settings.torch_steps, "dtype": "float32",
                        f"speedup_of_{largest}_nets": speedups}

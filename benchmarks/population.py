@@ -128,10 +128,6 @@ def _strategies(num_members: int, chunk_size: int) -> list[tuple[str, int | None
           + [("map", 1, "xla")])
 
 
-def _error_line(error: Exception) -> str:
-  return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def time_strategies(model_name: str, dtype: str, num_members: int, data: train_lib.Data,
                     settings: Settings) -> Iterator[Result]:
   """Images/s of training ``num_members`` members of ``model_name`` under each strategy."""
@@ -154,7 +150,7 @@ def time_strategies(model_name: str, dtype: str, num_members: int, data: train_l
   except jax.errors.JaxRuntimeError as error:  # Out of device memory, typically.
     for strategy, chunk_size, impl in strategies:
       yield Result(model_name, dtype, num_members, strategy, chunk_size, batch_size, None, None,
-                   _error_line(error), impl)
+                   common.error_line(error), impl)
     return
   for strategy, chunk_size, impl in strategies:
     result = functools.partial(Result, model_name, dtype, num_members, strategy, chunk_size,
@@ -173,7 +169,7 @@ def time_strategies(model_name: str, dtype: str, num_members: int, data: train_l
       train_steps = jax.jit(train_lib.repeat(population_step, settings.steps_per_call))
       seconds = common.median_seconds(lambda: train_steps(*inputs), settings.timings)
     except jax.errors.JaxRuntimeError as error:
-      yield result(images_per_s=None, step_ms=None, error=_error_line(error))
+      yield result(images_per_s=None, step_ms=None, error=common.error_line(error))
       continue
     images = num_members * batch_size * settings.steps_per_call
     yield result(images_per_s=images / seconds, step_ms=1e3 * seconds / settings.steps_per_call)
