@@ -328,16 +328,11 @@ DEFAULT_PARTS = ("outer", "evaluation")
 
 def _evaluation_variant(text: str) -> tuple[str, int, str]:
   """(dtype, N, conv_impl) of ``dtype/N[/conv_impl]``."""
-  dtype, num_nets, *conv_impl = text.split("/")
-  if len(conv_impl) > 1 or not num_nets.isdigit() or int(num_nets) < 1:
+  parts = text.split("/")
+  if len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
     raise UserError(f"evaluation variant {text!r}: expected dtype/N[/conv_impl], e.g. "
                     "bfloat16/32 or bfloat16/32/im2col")
-  return dtype, int(num_nets), *(conv_impl or ["xla"])
-
-
-def _impl_suffix(conv_impl: str) -> str:
-  """"" for XLA's convolutions, "+im2col" for the other implementation (printed labels)."""
-  return "" if conv_impl == "xla" else f"+{conv_impl}"
+  return parts[0], int(parts[1]), *(parts[2:] or ["xla"])
 
 
 def _attempt(measure: Callable[[], dict[str, Any]], identity: dict[str, Any],
@@ -370,7 +365,7 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
     print(f"{'M':>3}  {'maps':<21}{'dtype':<10}{'net steps':>10}{'s/outer':>10}"
           f"{'compile s':>11}{'host waits':>12}{'projected':>22}")
   for variant in variants:
-    maps = f"{variant.model_map}/{variant.class_map}" + _impl_suffix(variant.conv_impl)
+    maps = f"{variant.model_map}/{variant.class_map}" + common.impl_suffix(variant.conv_impl)
     row = f"{variant.num_models:>3}  {maps:<21}{variant.dtype:<10}{variant.net_steps:>10}"
     result = _attempt(functools.partial(time_outer_iteration, settings, variant),
                       variant._asdict(), row)
@@ -393,7 +388,7 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
                       f"{dtype:<9}{num_nets:>3}  {conv_impl:<14}")
     report["evaluation"].append(result)
     if "error" not in result:
-      strategy = result["strategy"] + _impl_suffix(conv_impl)
+      strategy = result["strategy"] + common.impl_suffix(conv_impl)
       print(f"{dtype:<9}{num_nets:>3}  {strategy:<14}{result['images_per_s']:>12,.0f}"
             f"{result['step_ms']:>10.2f}{len(result['host_waits']):>12}", flush=True)
     save(report)
@@ -407,7 +402,7 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
   if evaluations and common.torch_cuda_available():
     torch_speed = time_torch_evaluation(settings)
     largest = max(num_nets for _, num_nets, _ in evaluations)
-    speedups = {result["dtype"] + _impl_suffix(result["conv_impl"]):
+    speedups = {result["dtype"] + common.impl_suffix(result["conv_impl"]):
                 result["images_per_s"] / torch_speed for result in report["evaluation"]
                 if result["num_nets"] == largest and "error" not in result}
     report["torch"] = {"images_per_s": torch_speed, "nets": settings.torch_nets,

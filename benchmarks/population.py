@@ -138,6 +138,9 @@ def time_strategies(model_name: str, dtype: str, num_members: int, data: train_l
                             **width) for impl in ("xla", "im2col")}
   model = models["xla"]  # Both implementations have the same params.
   optimizer = train_lib.sgd(LEARNING_RATE)
+  steps = {impl: train_lib.make_train_step(train_lib.model_apply_fn(m, MEAN, STD), optimizer,
+                                           batch_size=batch_size, augment=None)
+           for impl, m in models.items()}
 
   def member(key: jax.Array) -> train_lib.TrainState:
     init_key, data_key = jax.random.split(key)
@@ -155,17 +158,16 @@ def time_strategies(model_name: str, dtype: str, num_members: int, data: train_l
   for strategy, chunk_size, impl in strategies:
     result = functools.partial(Result, model_name, dtype, num_members, strategy, chunk_size,
                                batch_size, conv_impl=impl)
-    step = train_lib.make_train_step(train_lib.model_apply_fn(models[impl], MEAN, STD),
-                                     optimizer, batch_size=batch_size, augment=None)
     try:
       if strategy == "shard":
         mesh = population.make_mesh()
         inputs = (population.shard(states, mesh),
                   jax.device_put(data, NamedSharding(mesh, PartitionSpec())))
-        population_step = population.run(step, strategy="shard", mesh=mesh)
+        population_step = population.run(steps[impl], strategy="shard", mesh=mesh)
       else:
         inputs = (states, data)
-        population_step = population.run(step, strategy=strategy, chunk_size=chunk_size)
+        population_step = population.run(steps[impl], strategy=strategy,
+                                         chunk_size=chunk_size)
       train_steps = jax.jit(train_lib.repeat(population_step, settings.steps_per_call))
       seconds = common.median_seconds(lambda: train_steps(*inputs), settings.timings)
     except jax.errors.JaxRuntimeError as error:
@@ -240,8 +242,7 @@ def fastest(results: Sequence[Result]) -> dict[tuple[str, str, int], Result]:
 
 def _strategy_label(result: Result) -> str:
   chunk = "" if result.chunk_size is None else f"(chunk={result.chunk_size})"
-  impl = "" if result.conv_impl == "xla" else f"+{result.conv_impl}"
-  return f"{result.strategy}{chunk}{impl}"
+  return f"{result.strategy}{chunk}{common.impl_suffix(result.conv_impl)}"
 
 
 _HEADER = f"{'model':<10}{'dtype':<10}{'N':>4}  {'strategy':<24}{'images/s':>12}{'ms/step':>10}"

@@ -80,7 +80,7 @@ class Layers:
   kernel_init: str
   head_init: str
   head_bias: bool
-  conv_impl: str = "xla"
+  conv_impl: str
 
   @property
   def has_norm(self) -> bool:
