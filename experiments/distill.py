@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -121,7 +120,6 @@ def pretrain_pool(config: ml_collections.ConfigDict, method: methods.Method, mod
     ({"params", "batch_stats"} with leading axis ``pool_size``, a summary with their test
     accuracies and the wall time).
   """
-  started = time.perf_counter()
   steps_per_epoch = data_lib.steps_per_epoch(len(dataset.train.labels), config.batch_size)
   optimizer = build.optimizer(config, steps_per_epoch)
   nets = augment_models.init_nets(seed_key(config, "pool"), model, dataset.image_shape,
@@ -132,12 +130,14 @@ def pretrain_pool(config: ml_collections.ConfigDict, method: methods.Method, mod
   step = train_lib.make_train_step(apply_fn, optimizer, batch_size=config.batch_size,
                                    augment=None, mix=mix)
   options = build.population_options(config, population.select(nets.params, 0))
-  nets, _ = loop.fit(population.run(step, **options), nets, train_lib.device_data(dataset.train),
-                     num_steps=config.epochs * steps_per_epoch, eval_every=steps_per_epoch,
-                     workdir=workdir / "pool", progress=progress, description="early-stage pool")
+  nets, records = loop.fit(population.run(step, **options), nets,
+                           train_lib.device_data(dataset.train),
+                           num_steps=config.epochs * steps_per_epoch,
+                           eval_every=steps_per_epoch, workdir=workdir / "pool",
+                           progress=progress, description="early-stage pool")
   summary = evaluate.summarize(evaluate.test_accuracies(apply_fn, nets, test))
   summary.update(epochs=config.epochs, size=config.pool_size,
-                 seconds=time.perf_counter() - started)
+                 seconds=loop.wall_seconds(records))
   return {"params": nets.params, "batch_stats": nets.batch_stats}, summary
 
 
@@ -170,7 +170,6 @@ def distill(config: ml_collections.ConfigDict, method: methods.Method, model: An
             dataset: data_lib.Dataset, pool: PyTree, workdir: pathlib.Path,
             progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
   """Runs the distillation; returns the stored images f32[K, ipc, H, W, C] and a summary."""
-  started = time.perf_counter()
   step, state, data = distill_program(config, method, model, dataset, pool)
   outer = outer_iterations(config, method)
   num_steps = outer * method.inner_iterations
@@ -188,7 +187,7 @@ def distill(config: ml_collections.ConfigDict, method: methods.Method, model: An
              "image_learning_rate": method.image_learning_rate(config.ipc, dataset.std),
              "loss": [record["train_loss"] for record in records],
              "loss_steps": [record["step"] for record in records],
-             "seconds": time.perf_counter() - started}
+             "seconds": loop.wall_seconds(records)}
   return images, summary
 
 
@@ -324,8 +323,8 @@ def add_report_sections(report: report_lib.Report, results: dict[str, Any],
       f"inner iterations with {distill_summary['num_models']} net(s) per update."
       f"{pool_text} Evaluation: {protocol['num_nets']} fresh {results['model']}s per set trained "
       f"as one population for {protocol['epochs']} epochs (DSA + CutMix), final test accuracy "
-      f"mean +- std over the nets, in %. Wall times: this process's, on "
-      f"{jax.devices()[0].device_kind}.")
+      f"mean +- std over the nets, in %. Wall times: training with compilation, summed over "
+      f"resumed runs; the last ran on {jax.devices()[0].device_kind}.")
   report.text(report_lib.markdown_table(evaluation_rows(results), float_format="{:.0f}"))
   report.figure("distill_loss", report_lib.line_plot(
       {"matching loss": (distill_summary["loss_steps"], distill_summary["loss"])},

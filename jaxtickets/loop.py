@@ -7,6 +7,7 @@ whose ``step`` field counts optimizer steps (per member, all equal).
 from __future__ import annotations
 
 import pathlib
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,7 +41,10 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
 
   Every ``eval_every`` steps (and at the end) it evaluates, appends a record to
   ``workdir/metrics.jsonl`` and checkpoints. Because each step draws its batch from
-  ``(state.key, state.step)``, a resumed run computes exactly what an uninterrupted one would.
+  ``(state.key, state.step)``, a resumed run computes exactly what an uninterrupted one would;
+  only the records' ``"seconds"`` differ: the wall time since the training started (compilation
+  and evaluations included), summed over the processes that ran it up to their last checkpoint,
+  so a resumed or rerun study reports what its training cost, not what its last process did.
 
   Args:
     step: ``(state, data) -> (state, metrics)``.
@@ -55,8 +59,10 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
     description: the bar's label.
 
   Returns:
-    The final state and the list of logged records.
+    The final state and the list of logged records (``{"step", "seconds", "train_<metric>",
+    <evaluate's names>}``).
   """
+  started = time.perf_counter()
   steps_per_call = steps_per_call or default_steps_per_call()
   log = checkpointer = None
   if workdir is not None:
@@ -68,6 +74,7 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
     # Records past the restored step (a kill between a record and its checkpoint) are redone.
     log.truncate(_current_step(state))
   records = log.read() if log else []
+  earlier_seconds = wall_seconds(records)
   compiled: dict[int, Callable] = {}
   current = _current_step(state)
   with tqdm(total=num_steps, initial=current, desc=description, disable=not progress,
@@ -87,15 +94,22 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
       record = {f"train_{k}": v.mean(axis=0) for k, v in train_metrics.items()}
       if evaluate is not None:
         record.update(evaluate(state))
-      record = {"step": current, **metrics_lib.jsonable(record)}
+      seconds = earlier_seconds + time.perf_counter() - started
+      record = {"step": current, "seconds": round(seconds, 3), **metrics_lib.jsonable(record)}
       records.append(record)
       if log is not None:
         log.write(**record)
         checkpointer.save(current, state)
-      bar.set_postfix({k: _short(v) for k, v in record.items() if k != "step"}, refresh=False)
+      bar.set_postfix({k: _short(v) for k, v in record.items() if k not in ("step", "seconds")},
+                      refresh=False)
   if checkpointer is not None:
     checkpointer.close()
   return state, records
+
+
+def wall_seconds(records: list[dict[str, Any]]) -> float:
+  """The training wall time :func:`fit`'s records count up to their last (0 when none)."""
+  return float(records[-1].get("seconds", 0.0)) if records else 0.0
 
 
 def _short(value: Any) -> str:

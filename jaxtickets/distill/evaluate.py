@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,10 +135,9 @@ def evaluate_split(key: jax.Array, model: nn.Module, split: data_lib.Split,
     population_options: ``population.run`` options (default: ``population.default_strategy``).
 
   Returns:
-    :func:`summarize` of the final test accuracies plus ``"seconds"`` (wall time of this call)
-    and ``"steps"``.
+    :func:`summarize` of the final test accuracies plus ``"steps"`` and ``"seconds"`` (the
+    training's wall time, summed over resumed runs: :func:`loop.wall_seconds`).
   """
-  started = time.perf_counter()
   num_examples = len(split.labels)
   steps_per_epoch = data_lib.steps_per_epoch(num_examples, batch_size(protocol, num_examples))
   net_optimizer = optimizer(protocol, steps_per_epoch)
@@ -152,8 +150,8 @@ def evaluate_split(key: jax.Array, model: nn.Module, split: data_lib.Split,
   step = population.run(make_step(apply_fn, protocol, net_optimizer, num_examples, mean, std),
                         **population_options)
   num_steps = protocol.epochs * steps_per_epoch
-  nets, _ = loop.fit(step, nets, train_lib.device_data(split), num_steps=num_steps,
-                     eval_every=min(num_steps, protocol.checkpoint_every * steps_per_epoch),
-                     workdir=workdir, progress=progress, description=description)
+  nets, records = loop.fit(step, nets, train_lib.device_data(split), num_steps=num_steps,
+                           eval_every=min(num_steps, protocol.checkpoint_every * steps_per_epoch),
+                           workdir=workdir, progress=progress, description=description)
   result = summarize(test_accuracies(apply_fn, nets, test))
-  return {**result, "steps": num_steps, "seconds": time.perf_counter() - started}
+  return {**result, "steps": num_steps, "seconds": loop.wall_seconds(records)}
