@@ -203,6 +203,14 @@ def test_fit_checkpoints_resumes_and_exports_a_sharded_population(convnet, tmp_p
   assert _max_deviation(resumed, final) == 0.0
   assert resumed.params["head"]["kernel"].sharding == final.params["head"]["kernel"].sharding
 
+  # Stopped half-way and resumed, it trains the same members on the same devices.
+  loop.fit(step, sharded, convnet.data, num_steps=2, eval_every=2, workdir=tmp_path / "half",
+           progress=False)
+  continued, _ = loop.fit(step, sharded, convnet.data, num_steps=4, eval_every=2,
+                          workdir=tmp_path / "half", progress=False)
+  assert _max_deviation(continued, final) == 0.0
+  assert continued.params["head"]["kernel"].sharding == final.params["head"]["kernel"].sharding
+
   member = population.export_member(final, 3)
   assert len(member.params["head"]["kernel"].sharding.device_set) == 1
   with checkpoint.Checkpointer(tmp_path / "member") as checkpointer:
