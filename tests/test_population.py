@@ -234,6 +234,26 @@ def test_shard_on_a_given_mesh_splits_members_over_its_devices_only():
   assert doubled["w"].sharding.shard_shape(doubled["w"].shape) == (3, 2)
 
 
+
+def test_shard_replicates_over_a_meshs_other_axes():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ("population", "data"))
+  members = {"w": jnp.arange(12.0).reshape(6, 2)}
+  doubled = population.run(lambda state, scale: {"w": state["w"] * scale}, strategy="shard",
+                           mesh=mesh)(members, 2.0)
+  np.testing.assert_array_equal(doubled["w"], 2 * members["w"])
+  # Three members per "population" shard, each held by both devices of its "data" row.
+  assert doubled["w"].sharding.shard_shape(doubled["w"].shape) == (3, 2)
+  assert len(doubled["w"].sharding.device_set) == 4
+  assert not doubled["w"].sharding.is_fully_replicated
+
+  other = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  for make in (lambda: population.run(_noop_step, strategy="shard", mesh=other)(members, 0.0),
+               lambda: population.run(_noop_step, strategy="vmap", mesh=mesh)):
+    with pytest.raises(UserError, match="mesh") as error:
+      make()
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("strategy", ["vmap", "map", "shard"])
 @pytest.mark.parametrize("members, match", [
     ({"w": jnp.zeros((0, 3))}, "0 members"),
