@@ -22,9 +22,15 @@ def dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   return data_lib.load_dataset(config.dataset, data_dir=config.data_dir, image_size=image_size)
 
 
+def model_options(config: ml_collections.ConfigDict, **overrides) -> dict[str, Any]:
+  """The keyword options every model of ``config`` is built with: ``model_options``, ``dtype``
+  and ``overrides`` (which win)."""
+  return {**config.model_options.to_dict(), "dtype": config.dtype, **overrides}
+
+
 def model(config: ml_collections.ConfigDict, num_classes: int, **overrides):
-  options = {**config.model_options.to_dict(), "dtype": config.dtype, **overrides}
-  return models.get_model(config.model, num_classes=num_classes, **options)
+  return models.get_model(config.model, num_classes=num_classes,
+                          **model_options(config, **overrides))
 
 
 def augment(config: ml_collections.ConfigDict) -> train_lib.Augment | None:

@@ -89,10 +89,8 @@ def model_specs(config: ml_collections.ConfigDict) -> list[ModelSpec]:
     raise UserError(f"models={names!r} names a model twice")
   specs = []
   for name, width in zip(names, widths):
-    options = {**config.model_options.to_dict(), "dtype": config.dtype}
-    if width is not None:
-      options["width"] = width
-    spec = ModelSpec(name, options)
+    width_option = {} if width is None else {"width": width}
+    spec = ModelSpec(name, build.model_options(config, **width_option))
     spec.build(2)  # Unknown names and options fail here, before any data is loaded.
     specs.append(spec)
   return specs
