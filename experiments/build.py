@@ -19,7 +19,8 @@ AUGMENTS = {"none": None, "crop_flip": train_lib.crop_flip}
 
 def dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
   image_size = config.image_size if config.dataset == "digits" else None
-  return data_lib.load_dataset(config.dataset, data_dir=config.data_dir, image_size=image_size)
+  return data_lib.load_dataset(config.dataset, data_dir=config.data_dir, image_size=image_size,
+                               normalization=config.normalization)
 
 
 def model_options(config: ml_collections.ConfigDict, **overrides) -> dict[str, Any]:

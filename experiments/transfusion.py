@@ -163,11 +163,13 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
   return specs
 
 
-def load_task(spec: str, *, image_size: int | None, classes: Sequence[int] | None,
-              data_dir: str | None = None) -> data_lib.Dataset:
-  """A dataset by spec (``digits``, a TFDS name, ``npz:PATH``), resized, restricted to
-  ``classes``."""
-  dataset = data_lib.load_dataset(spec, data_dir=data_dir, image_size=image_size)
+def load_task(settings: ml_collections.ConfigDict,
+              classes: Sequence[int] | None) -> data_lib.Dataset:
+  """The dataset of a training config (``dataset``, ``data_dir``, ``image_size``,
+  ``normalization``), restricted to ``classes``."""
+  dataset = data_lib.load_dataset(settings.dataset, data_dir=settings.data_dir,
+                                  image_size=settings.image_size,
+                                  normalization=settings.normalization)
   return transfusion.class_subset(dataset, classes)
 
 
@@ -497,13 +499,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   specs = check_config(config)
   settings = config.source
-  source = load_task(settings.dataset, image_size=settings.image_size,
-                     classes=settings.classes, data_dir=settings.data_dir)
+  source = load_task(settings, settings.classes)
   if settings.train_fraction != 1:
     source = dataclasses.replace(source, train=data_lib.subsample(
         source.train, settings.train_fraction, seed=config.seed))
-  target = load_task(config.dataset, image_size=config.image_size,
-                     classes=config.target_classes, data_dir=config.data_dir)
+  target = load_task(config, config.target_classes)
   target = data_lib.with_validation(target, config.val_fraction, seed=config.seed)
   train_splits = regime_splits(config, target)
   for regime, split in train_splits.items():

@@ -38,11 +38,19 @@ DIGITS_IMAGE_SIZES = (8, 16, 32)
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 
-# The statistics published with (and used by every reference implementation for) CIFAR, so that
-# models trained here see the same inputs as the papers' models.
+# The statistics published for CIFAR (RST's reference normalizes CIFAR-10 with these).
 _CANONICAL_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+# Named normalizations (``load_dataset(normalization=...)``): "dataset" uses the dataset's own
+# statistics. "cifar10_common" is CIFAR-10's mean with the per-channel std that early PyTorch
+# CIFAR code spread (the true std is ~0.25): DC/DSA/DM, IDC, Acc-DD and AWS normalize CIFAR-10
+# and CIFAR-100 alike with it, and inputs' scale matters there beyond the first layer (DSA's
+# brightness range and the normalized-space image learning rates are in its units).
+NORMALIZATIONS = {
+    "dataset": None,
+    "cifar10_common": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
 }
 
 # Where the shared (read-only, never copied) data sets live: this environment variable, else
@@ -105,7 +113,8 @@ def shared_data_dir() -> pathlib.Path:
 
 
 def load_dataset(
-    name: str, *, data_dir: str | None = None, image_size: int | None = None
+    name: str, *, data_dir: str | None = None, image_size: int | None = None,
+    normalization: str = "dataset"
 ) -> Dataset:
   """Loads a dataset into host memory as uint8 images and int32 labels.
 
@@ -132,21 +141,28 @@ def load_dataset(
       is ``jpeg[offsets[i]:offsets[i + 1]]``), ``{train,test}_labels`` [N] and optional
       ``classes`` str[K] (num_classes = K, else largest label + 1). Decoded to RGB with Pillow.
 
-  Normalization statistics are the canonical ones for CIFAR-10/100 from TFDS and are computed
-  from the training pixels for every other source.
+  Normalization statistics (``normalization="dataset"``) are the published ones for CIFAR-10/100
+  from TFDS and are computed from the training pixels for every other source; another name of
+  :data:`NORMALIZATIONS` replaces them.
 
   Args:
     name: a source name as above.
     data_dir: TFDS data directory (TFDS sources only).
     image_size: resize images to image_size x image_size (bilinear); for digits one of
       :data:`DIGITS_IMAGE_SIZES`. None keeps the source's size.
+    normalization: a name of :data:`NORMALIZATIONS`; fixed statistics need images with as many
+      channels as they have.
 
   Returns:
     The dataset; ``val`` is None unless the source has a validation split.
 
   Raises:
-    UserError: unknown name, bad ``image_size``, unprepared TFDS data, or a malformed npz file.
+    UserError: unknown name or normalization, bad ``image_size``, unprepared TFDS data, a
+      malformed npz file, or fixed statistics of another channel count.
   """
+  if normalization not in NORMALIZATIONS:
+    raise UserError(f"unknown normalization {normalization!r}; known: "
+                    f"{', '.join(NORMALIZATIONS)}")
   if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
     raise UserError(f"image_size={image_size!r}; expected a positive int or None")
   if name == "digits":
@@ -165,7 +181,13 @@ def load_dataset(
   if image_size is not None:
     splits = {key: Split(_resize(split.images, image_size), split.labels)
               for key, split in splits.items()}
-  if name in _CANONICAL_STATS:
+  if NORMALIZATIONS[normalization] is not None:
+    mean, std = NORMALIZATIONS[normalization]
+    channels = splits["train"].images.shape[-1]
+    if len(mean) != channels:
+      raise UserError(f"normalization {normalization!r} has {len(mean)} channels; {name} images "
+                      f"have {channels}")
+  elif name in _CANONICAL_STATS:
     mean, std = _CANONICAL_STATS[name]
   else:
     mean, std = _channel_stats(splits["train"].images)

@@ -170,6 +170,23 @@ def test_npz_small_file_loads_and_missing_file_errors(tmp_path):
                               "absent.npz")
 
 
+def test_a_named_normalization_replaces_the_measured_statistics(tmp_path):
+  rng = np.random.default_rng(0)
+  path = tmp_path / "rgb.npz"
+  np.savez(path, **_medmnist_arrays(train_images=rng.integers(0, 256, (6, 5, 5, 3), np.uint8),
+                                    test_images=rng.integers(0, 256, (4, 5, 5, 3), np.uint8)))
+  measured = data.load_dataset(f"npz:{path}")
+  pixels = measured.train.images.reshape(-1, 3) / 255
+  np.testing.assert_allclose(measured.std, pixels.std(axis=0), rtol=1e-5)
+  common = data.load_dataset(f"npz:{path}", normalization="cifar10_common")
+  assert (common.mean, common.std) == data.NORMALIZATIONS["cifar10_common"]
+  np.testing.assert_array_equal(common.train.images, measured.train.images)
+  assert_one_line_user_error(lambda: data.load_dataset("digits", normalization="cifar10_common"),
+                              "'cifar10_common' has 3 channels", "digits images have 1")
+  assert_one_line_user_error(lambda: data.load_dataset("digits", normalization="imagenet"),
+                              "unknown normalization 'imagenet'", "dataset, cifar10_common")
+
+
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
   assert_one_line_user_error(lambda: data.load_dataset("cifar10", data_dir=str(tmp_path)),
                               "not prepared", f"tfds build cifar10 --data_dir {tmp_path}",

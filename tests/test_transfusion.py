@@ -232,8 +232,7 @@ def test_small_run_trains_every_arm_and_starts_them_as_specified(small_run):
 
 def saved_pretrained_params(workdir, config):
   """The pretrained params the run saved in ``pretrain/cbr_tiny/pretrained``."""
-  source = runner.load_task(config.source.dataset, image_size=config.source.image_size,
-                            classes=config.source.classes)
+  source = runner.load_task(config.source, config.source.classes)
   source_model = runner.SourceModel(config, runner.model_specs(config)[0], source)
   with checkpoint.Checkpointer(workdir / "pretrain" / "cbr_tiny" / "pretrained") as saved:
     return saved.restore(source_model.template)["params"]
@@ -294,8 +293,7 @@ def test_a_previous_runs_pretrain_folder_is_a_checkpoint_dir(small_run):
   config = config.copy_and_resolve_references()
   config.source.checkpoint_dir = str(workdir / "pretrain")
   settings = config.source
-  source = runner.load_task(settings.dataset, image_size=settings.image_size,
-                            classes=settings.classes, data_dir=settings.data_dir)
+  source = runner.load_task(settings, settings.classes)
   (spec,) = runner.check_config(config)
   given, step = runner.SourceModel(config, spec, source).restore_given()
   with checkpoint.Checkpointer(workdir / "pretrain" / spec.name / "pretrained") as kept:

@@ -4,7 +4,8 @@ Presets:
 
 - ``cifar100_resnet50``: the paper's protocol (official code): CIFAR ResNet-50 (3x3 stem, no
   max-pool); LRR and AWS pruning with SGD lr 0.1 (constant), momentum 0.9, coupled weight decay
-  5e-4 on all params, batch 128, crop + flip; a 10-epoch dense warm-up, then 15 rounds of 10
+  5e-4 on all params, batch 128, crop + flip, inputs normalized with the reference's CIFAR
+  statistics (``normalization="cifar10_common"``, for CIFAR-100 too); a 10-epoch dense warm-up, then 15 rounds of 10
   epochs that each end by removing 20% of the surviving weights (density 0.8^k); every ticket
   transferred (sign, mask, retrain) and the dense baseline trained 100 epochs with lr x0.1 at 50
   and 75, seeds 2 and 3 (the reference's ``ft_seed``s).
@@ -46,6 +47,7 @@ def _base() -> ml_collections.ConfigDict:
   # epochs, learning_rate, schedule, milestones: the transfer (and retraining) runs.
   c = common.training(dataset="cifar100", model="resnet50", batch_size=128, epochs=100,
                       learning_rate=0.1, milestones=(50, 75), augment="crop_flip", seed=1)
+  c.normalization = "cifar10_common"  # The reference's, for CIFAR-10 and CIFAR-100 alike.
   # Stratified shares of the splits kept (None: all), for CPU-sized runs on real data.
   c.train_subset = None
   c.test_subset = None
@@ -105,6 +107,7 @@ def _cifar10_resnet20() -> ml_collections.ConfigDict:
 def _digits() -> ml_collections.ConfigDict:
   c = _base()
   c.dataset = "digits"
+  c.normalization = "dataset"
   c.image_size = 8
   c.model = "convnet3"
   c.model_options.norm = "batch"  # AWS interpolates norm params; ConvNet-3's default is GroupNorm.
@@ -132,6 +135,7 @@ def _digits() -> ml_collections.ConfigDict:
 def _cifar10_subset() -> ml_collections.ConfigDict:
   c = _digits()
   c.dataset = "cifar10"
+  c.normalization = "cifar10_common"
   c.image_size = None
   c.augment = "crop_flip"
   c.train_subset = 0.1

@@ -22,7 +22,7 @@ def select(presets: Mapping[str, Callable[[], ml_collections.ConfigDict]],
 def training(**values) -> ml_collections.ConfigDict:
   """The fields every trainer reads through ``experiments/build.py``, with ``values`` applied.
 
-  Data (``dataset``, ``data_dir``, ``image_size`` for digits), model (``model``,
+  Data (``dataset``, ``data_dir``, ``image_size`` for digits, ``normalization``), model (``model``,
   ``model_options``, ``dtype``), SGD and its schedule, augmentation and seed.
   """
   c = ml_collections.ConfigDict()
@@ -30,6 +30,8 @@ def training(**values) -> ml_collections.ConfigDict:
   # For tfds datasets; None: $TFDS_DATA_DIR. Typed, so that --set keeps a numeric name a string.
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.image_size = None  # digits only: 8, 16 or 32.
+  # "dataset" (its own statistics) or "cifar10_common" (the one the DC/IDC/Acc-DD/AWS code uses).
+  c.normalization = "dataset"
   c.model = "convnet3"
   c.model_options = ml_collections.ConfigDict()
   c.dtype = "float32"

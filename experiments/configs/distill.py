@@ -11,7 +11,10 @@ Presets (``method`` is switchable: ``--set method=idc`` / ``dc`` / ``dsa`` / ``d
   between updates on 2000 real images (32 steps of 64) with DSA color + crop and CutMix (p 0.5),
   a pool of 5 early-stage nets pretrained for 2 epochs (SGD 0.01 / 0.9 / 5e-4, batch 64),
   perturbation magnitudes U(0.01, 0.09). Evaluation: 5 nets, 1000 epochs, batch 64, lr x0.2 at
-  2/3 and 5/6, DSA + CutMix, final test accuracy. The CIFAR sources are TFDS names; point
+  2/3 and 5/6, DSA + CutMix, final test accuracy. Inputs are normalized as the reference
+  normalizes CIFAR-10 and CIFAR-100 (``normalization="cifar10_common"``: std 0.2023, 0.1994,
+  0.2010), the units of DSA's brightness range and of DC/DSA/DM's image learning rates. The
+  CIFAR sources are TFDS names; point
   ``dataset`` at ``npz:.../cifar10_jpeg.npz`` to read the JPEG-packed CIFAR-10.
 - ``digits``: the demo's CPU run (223 s measured on 2 cores shared with other jobs, load ~4):
   Acc-DD on the 16x16 digits, IPC 10,
@@ -23,7 +26,7 @@ Presets (``method`` is switchable: ``--set method=idc`` / ``dc`` / ``dsa`` / ``d
   stored set starts as the random-real baseline, leaving the distillation room to show) and
   lr_img 1e-2 for IDC and Acc-DD alike (``image_lr``; DC/DSA/DM read it in normalized space);
   20 outer iterations (``--set method=idc --set outer_iterations=80`` for the 4x longer IDC
-  run), 4 eval nets x 100 epochs.
+  run), 4 eval nets x 100 epochs, the reference's normalization.
   ``--set dataset=npz:PATH`` reads the shared JPEG-packed copy.
 - ``small``: the tests' run: IPC 2, width 8, 8x8 digits, 2 outer x 2 inner iterations, 2 nets
   evaluated for 3 epochs.
@@ -73,6 +76,7 @@ def _base() -> ml_collections.ConfigDict:
   # momentum 0.9, weight decay 5e-4.
   c = common.training(dataset="cifar10", batch_size=64, epochs=2, learning_rate=0.01,
                       schedule="constant")
+  c.normalization = "cifar10_common"  # The reference's, for CIFAR-10 and CIFAR-100 alike.
   c.method = "acc_dd"
   c.ipc = 10
   c.train_fraction = 1.0  # A stratified share of the real training split (CPU runs).
@@ -121,6 +125,7 @@ def _preset(dataset: str, ipc: int):
 def _digits() -> ml_collections.ConfigDict:
   c = _base()
   c.dataset = "digits"
+  c.normalization = "dataset"
   c.image_size = 16
   c.model_options.width = 16
   c.outer_iterations = 8
@@ -138,6 +143,7 @@ def _digits() -> ml_collections.ConfigDict:
 def _cifar10_subset() -> ml_collections.ConfigDict:
   c = _digits()
   c.dataset = "cifar10"
+  c.normalization = "cifar10_common"
   c.train_fraction = 0.1
   c.outer_iterations = 20
   c.method_overrides.factor = 1

@@ -20,9 +20,10 @@ iterations, progress bar). Per inner iteration:
 3. The nets train (as one population): ``net_steps`` SGD steps on the real data with
    per-sample DSA and CutMix (IDC, Acc-DD), ``net_steps`` epochs on the current synthetic set
    (DC, DSA: plain SGD, each epoch ``ceil(size / net_batch)`` batches), or not at all (DM).
-   The synthetic set is read as 8-bit images, like any split. The reference skips this after
-   the last update of an outer iteration; here it runs and the nets are then replaced (a
-   select, not a conditional: see :func:`make_distill_step`), which costs compute only.
+   The synthetic set is read as 8-bit images, like any split. DC's and DSA's code skip this
+   after the last update of an outer iteration (IDC's and Acc-DD's do not); here it runs and
+   the nets are then replaced (a select, not a conditional: see :func:`make_distill_step`),
+   which costs compute only.
 
 With M = 1 this is the reference's schedule. With M > 1 each update averages M nets; running
 ``outer_iterations / M`` outer iterations keeps the number of model-steps (nets x inner
@@ -30,7 +31,8 @@ iterations) of the reference, with M times fewer image updates.
 
 Images live in [0, 1] pixel space (IDC's convention). DC, DSA and DM optimize normalized images;
 their learning rates are converted to pixel space by ``std^2`` (mean over channels), which gives
-the same SGD trajectory up to the per-channel spread of ``std``.
+the same SGD trajectory up to the per-channel spread of ``std`` when ``std`` is the reference's
+(``data.NORMALIZATIONS["cifar10_common"]`` on CIFAR, as the study's CIFAR presets set).
 """
 
 from __future__ import annotations
