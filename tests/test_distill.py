@@ -5,6 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments import build
@@ -13,7 +14,8 @@ from experiments.configs import distill as distill_configs
 from jaxtickets import data as data_lib
 from jaxtickets import models, population
 from jaxtickets import train as train_lib
-from jaxtickets.distill import augment_models, dsa, evaluate, matching, methods, synthetic
+from jaxtickets.distill import (augment_models, dsa, evaluate, image_sgd, matching, methods,
+                                synthetic)
 
 from assertions import assert_fast_in_a_loop, assert_one_line_user_error
 
@@ -209,6 +211,57 @@ def test_mix_init_places_downsampled_real_images_of_the_class(digits):
 # Model augmentation
 
 
+# ----------------------------------------------------------------------------------------------
+# Image updates
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_per_class_updates_equal_idcs_sequential_steps(momentum):
+  """Three inner iterations of K = 4 per-class steps of one momentum SGD over all images (the
+  reference's loop, with torch.optim.SGD's rule in NumPy) against the closed form. Each class's
+  loss 0.5 |A_c x_c - t_c|^2 has a gradient that depends on where it is taken."""
+  rng = np.random.default_rng(0)
+  num_classes, lr = 4, 0.1
+  matrices = rng.normal(size=(num_classes, 3, 3))
+  targets = rng.normal(size=(num_classes, 3))
+  start = rng.normal(size=(num_classes, 3))
+
+  def class_grad(c, x_c):
+    return matrices[c].T @ (matrices[c] @ x_c - targets[c])
+
+  x, buffer = start.copy(), None
+  for _ in range(3):
+    for c in range(num_classes):
+      grad = np.zeros_like(x)
+      grad[c] = class_grad(c, x[c])
+      buffer = grad if buffer is None else momentum * buffer + grad
+      x = x - lr * buffer
+
+  optimizer = image_sgd.image_sgd(lr, momentum, per_class=True)
+  images = jnp.asarray(start, jnp.float32)
+  state = optimizer.init(images)
+  for _ in range(3):
+    at = np.asarray(optimizer.lookahead(images, state), np.float64)
+    grads = np.stack([class_grad(c, at[c]) for c in range(num_classes)])
+    images, state = optimizer.update(jnp.asarray(grads, jnp.float32), state, images)
+  np.testing.assert_allclose(images, x, rtol=1e-5, atol=1e-6)
+
+
+def test_summed_updates_are_momentum_sgd():
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.normal(size=(3, 2, 4)), jnp.float32)
+  optimizer = image_sgd.image_sgd(0.05, 0.5, per_class=False)
+  reference = optax.sgd(0.05, momentum=0.5)
+  state, reference_state, expected = optimizer.init(images), reference.init(images), images
+  for _ in range(3):
+    np.testing.assert_array_equal(optimizer.lookahead(images, state), images)
+    grads = jnp.sin(images)  # Taken where the images are.
+    images, state = optimizer.update(grads, state, images)
+    updates, reference_state = reference.update(jnp.sin(expected), reference_state, expected)
+    expected = optax.apply_updates(expected, updates)
+    np.testing.assert_allclose(images, expected, rtol=1e-6)
+
+
 def test_perturbation_keeps_filter_norms_and_leaves_biases():
   model = models.get_model("convnet3", num_classes=10, width=6)
   params, _ = train_lib.init_variables(KEY, model, (8, 8, 1))
@@ -380,6 +433,10 @@ def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
 def test_methods_registry_rejects_unknown_fields():
   assert_one_line_user_error(lambda: methods.get_method("idc", 10, speed=2),
                              "unknown method field 'speed'")
+  assert_one_line_user_error(lambda: methods.get_method("idc", 10, perturb=True),
+                             "perturb=True", "models='random'")
+  assert_one_line_user_error(lambda: methods.get_method("acc_dd", 10, image_updates="each"),
+                             "unknown image_updates 'each'")
   assert methods.get_method("dc", 10).inner_iterations == 10
   assert methods.get_method("acc_dd", 50).image_learning_rate(50, (0.25,)) == pytest.approx(0.05)
 

@@ -7,7 +7,7 @@ Presets (``method`` is switchable: ``--set method=idc`` / ``dc`` / ``dsa`` / ``d
   ncsu-dk-lab/Acc-DD and IDC's reproduce settings): ConvNet-3 (width 128, instance norm, avg-pool,
   PyTorch init), gradient matching with IDC's squared distance over conv kernels, multi-formation
   factor 2 with ``mix`` init, 500 outer x 100 inner iterations, lr_img 1e-2 * ipc / 10 (momentum
-  0.5), real batch 64 per class, at most 128 decoded synthetic images per class, nets trained
+  0.5, one step per class in class order, computed in one program), real batch 64 per class, at most 128 decoded synthetic images per class, nets trained
   between updates on 2000 real images (32 steps of 64) with DSA color + crop and CutMix (p 0.5),
   a pool of 5 early-stage nets pretrained for 2 epochs (SGD 0.01 / 0.9 / 5e-4, batch 64),
   perturbation magnitudes U(0.01, 0.09). Evaluation: 5 nets, 1000 epochs, batch 64, lr x0.2 at
@@ -47,8 +47,6 @@ Deviations from the references (all documented in the library):
 - With ``num_models`` M > 1, each image update averages the matching loss over M nets (vmapped)
   where the reference uses one net per outer iteration; the default number of outer iterations
   is then the method's divided by M (rounded up), so nets x inner iterations stay the same.
-- The per-class image updates of an inner iteration are one summed update (identical gradients;
-  only the shared momentum buffer's decay between classes differs).
 - Images are learned in [0, 1] pixel space for every method (DC/DSA/DM learn normalized images;
   their learning rates are converted by std^2) and clipped to [0, 1] once per outer iteration.
 - The evaluated set is the decoded set quantized to 8 bits; DC/DSA/DM are evaluated with IDC's

@@ -12,11 +12,9 @@ iterations, progress bar). Per inner iteration:
 2. Matching: for every (net, class) a real batch of the class (drawn without replacement) and the
    class's decoded synthetic images (at most ``synthetic_max``) get ONE DSA draw (Siamese), and
    the class objective is evaluated for all M x K pairs in one program; the loss averaged
-   over the M nets and summed over the classes takes one SGD-with-momentum step on the stored
-   images. The reference steps class by class, but a class's loss touches only that class's
-   images, so the summed step differs from it only in how the shared momentum buffer decays
-   between classes (the reference's per-class steps apply each class's momentum ~2x per inner
-   iteration; a momentum of 0.5 across inner iterations gives the same 2x).
+   over the M nets updates the stored images: one SGD-with-momentum step on its sum over the
+   classes (DC, DSA, DM), or IDC's K sequential per-class steps, reproduced exactly in one
+   program (:mod:`image_sgd`).
 3. The nets train (as one population): ``net_steps`` SGD steps on the real data with
    per-sample DSA and CutMix (IDC, Acc-DD), ``net_steps`` epochs on the current synthetic set
    (DC, DSA: plain SGD, each epoch ``ceil(size / net_batch)`` batches), or not at all (DM).
@@ -51,7 +49,7 @@ import optax
 from jaxtickets import data as data_lib
 from jaxtickets import errors, population
 from jaxtickets import train as train_lib
-from jaxtickets.distill import augment_models, dsa, matching, synthetic
+from jaxtickets.distill import augment_models, dsa, image_sgd, matching, synthetic
 from jaxtickets.errors import UserError
 
 PyTree = Any
@@ -61,6 +59,7 @@ MODEL_SOURCES = ("random", "pool")
 NET_DATA = ("none", "synthetic", "real")
 NET_UNITS = ("step", "epoch")
 LR_SPACES = ("pixel", "normalized")
+IMAGE_UPDATES = ("summed", "per_class")
 # DC/DSA: (image updates per net, net epochs on the synthetic set after each) by IPC.
 _DC_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
 _FULL_DSA = "color_crop_cutout_flip_scale_rotate"
@@ -83,6 +82,8 @@ class Method:
       factor (size / 32)^2 is 1 on CIFAR and not applied).
     image_lr_space: "pixel" or "normalized": the space the reference's rate is for.
     image_momentum: SGD momentum of the images.
+    image_updates: "summed" (one step per inner iteration on the loss summed over classes) or
+      "per_class" (IDC's one step per class, in class order; :mod:`image_sgd`).
     models: "random" (a fresh init per outer iteration) or "pool" (Acc-DD's early-stage pool).
     perturb: perturb the pool nets (Acc-DD).
     outer_iterations: the reference's number of outer iterations (one net each).
@@ -112,6 +113,7 @@ class Method:
   image_lr_per_ipc: bool = False
   image_lr_space: str = "normalized"
   image_momentum: float = 0.5
+  image_updates: str = "summed"
   models: str = "random"
   perturb: bool = False
   outer_iterations: int = 1000
@@ -131,7 +133,8 @@ class Method:
   def __post_init__(self):
     for field, known in (("objective", OBJECTIVES), ("models", MODEL_SOURCES),
                          ("net_data", NET_DATA), ("net_unit", NET_UNITS),
-                         ("image_lr_space", LR_SPACES), ("init", synthetic.INITS)):
+                         ("image_lr_space", LR_SPACES), ("image_updates", IMAGE_UPDATES),
+                         ("init", synthetic.INITS)):
       if getattr(self, field) not in known:
         raise UserError(f"unknown {field} {getattr(self, field)!r} for method {self.name!r}; "
                         f"known: {', '.join(known)}")
@@ -142,6 +145,9 @@ class Method:
                   "synthetic_max", "net_batch"):
       errors.check_int(field, getattr(self, field))
     errors.check_int("net_steps", self.net_steps, 0)
+    if self.perturb and self.models != "pool":
+      raise UserError(f"perturb=True perturbs the early-stage pool's nets; method "
+                      f"{self.name!r} draws models={self.models!r}")
     if self.net_unit == "epoch" and self.net_data != "synthetic":
       raise UserError(f"net_unit 'epoch' counts passes over the synthetic set; method "
                       f"{self.name!r} trains its nets on {self.net_data!r}")
@@ -192,7 +198,8 @@ def _idc(images_per_class: int) -> Method:
   # n_data 2000 real images per inner iteration = 32 batches of 64 (the loop stops at >= 2000).
   return Method("idc", "gradient", distance="mse", match_strategy="color_crop_cutout",
                 match_composition="idc", factor=2, init="mix", image_lr=5e-3,
-                image_lr_per_ipc=True, image_lr_space="pixel", outer_iterations=2000,
+                image_lr_per_ipc=True, image_lr_space="pixel", image_updates="per_class",
+                outer_iterations=2000,
                 inner_iterations=100, real_batch=64, net_data="real", net_steps=32,
                 net_batch=64, net_strategy="color_crop", net_composition="idc",
                 net_mix_probability=0.5)
@@ -262,26 +269,27 @@ class DistillState(NamedTuple):
   Attributes:
     step: i32[] inner iterations done.
     images: f32[K, ipc, H, W, C] stored synthetic images in [0, 1].
-    image_opt_state: their optimizer's state.
+    image_opt_state: their optimizer's state (momentum buffer f32[K, ipc, H, W, C]).
     nets: the M current matching nets (TrainState with leading axis M).
     key: the run's PRNG key (constant; per-step keys are folded from it).
   """
   step: jax.Array
   images: jax.Array
-  image_opt_state: optax.OptState
+  image_opt_state: image_sgd.MomentumState
   nets: train_lib.TrainState
   key: jax.Array
 
 
 def image_optimizer(method: Method, images_per_class: int,
-                    std: Sequence[float]) -> optax.GradientTransformation:
+                    std: Sequence[float]) -> image_sgd.ImageSGD:
   """SGD (with momentum) of the stored images at the method's pixel-space rate."""
-  return optax.sgd(method.image_learning_rate(images_per_class, std),
-                   momentum=method.image_momentum or None)
+  return image_sgd.image_sgd(method.image_learning_rate(images_per_class, std),
+                             method.image_momentum,
+                             per_class=method.image_updates == "per_class")
 
 
 def init_state(key: jax.Array, images: np.ndarray | jax.Array,
-               optimizer: optax.GradientTransformation,
+               optimizer: image_sgd.ImageSGD,
                nets: train_lib.TrainState) -> DistillState:
   """The state before the first inner iteration; ``nets`` only give the shapes (step 0
   replaces them)."""
@@ -413,9 +421,9 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
     nets = jax.tree.map(functools.partial(jnp.where, starts_outer),
                         new_nets(nets_key, data.pool), state.nets)
     images = jnp.where(starts_outer, synthetic.clamp(state.images), state.images)
-    loss, grads = jax.value_and_grad(loss_of)(images, nets, data, step_key)
-    updates, image_opt_state = images_optimizer.update(grads, state.image_opt_state, images)
-    images = optax.apply_updates(images, updates)
+    loss, grads = jax.value_and_grad(loss_of)(
+        images_optimizer.lookahead(images, state.image_opt_state), nets, data, step_key)
+    images, image_opt_state = images_optimizer.update(grads, state.image_opt_state, images)
     metrics = {"loss": loss}
     if net_step is not None:
       nets, net_metrics = net_step(nets, data, images)
