@@ -69,6 +69,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   Returns:
     The pruning rounds whose tickets are transferred (one per ``transfer.densities`` entry).
   """
+  build.check_training(config)
   _check_names("methods", config.methods, aws.METHODS)
   build.check_population_options(config)
   pruning = config.pruning
@@ -78,14 +79,15 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     raise UserError(f"unknown pruning.rewind {pruning.rewind!r}; known: {', '.join(aws.REWINDS)}")
   errors.check_int("pruning.warmup_epochs", pruning.warmup_epochs, minimum=0)
   errors.check_int("pruning.epochs_per_round", pruning.epochs_per_round)
-  errors.check_int("epochs", config.epochs)
+  errors.check_number("pruning.learning_rate", pruning.learning_rate, 0, strict=True)
   errors.check_int("eval_every_epochs", config.eval_every_epochs)
   transfer = config.transfer
   _check_names("transfer.variants", transfer.variants, aws.TRAINED_TRANSFERS)
-  if not len(transfer.seeds) or len(set(transfer.seeds)) != len(transfer.seeds) or any(
-      isinstance(seed, bool) or not isinstance(seed, int) for seed in transfer.seeds):
+  if not len(transfer.seeds) or len(set(transfer.seeds)) != len(transfer.seeds):
     raise UserError(f"transfer.seeds={transfer.seeds!r}; expected a non-empty sequence of "
                     f"distinct ints")
+  for seed in transfer.seeds:
+    build.check_seed("transfer.seeds entry", seed)
   if transfer.population_size is not None:
     errors.check_int("transfer.population_size", transfer.population_size)
   errors.check_int("lmc.num_points", config.lmc.num_points, minimum=2)

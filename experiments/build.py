@@ -15,6 +15,49 @@ from jaxtickets import errors
 from jaxtickets.errors import UserError
 
 AUGMENTS = {"none": None, "crop_flip": train_lib.crop_flip}
+SCHEDULES = ("cosine", "multistep", "constant")
+# Seeds seed both jax and NumPy generators; NumPy's legacy ones take [0, 2**32).
+_MAX_SEED = 2**32 - 1
+
+
+def check_seed(name: str, seed: Any) -> None:
+  """Raises a UserError naming ``name`` unless ``seed`` is an int in [0, 2**32)."""
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+    raise UserError(f"{name}={seed!r}; expected an int in [0, {_MAX_SEED}]")
+
+
+def check_training(config: ml_collections.ConfigDict, prefix: str = "") -> None:
+  """Raises a UserError naming the field for a bad value of a ``configs.common.training``
+  field (``prefix`` names a nested one, e.g. ``"source."``), before anything is loaded."""
+  for name in ("dataset", "model"):
+    if not isinstance(config[name], str):
+      raise UserError(f"{prefix}{name}={config[name]!r}; expected a name")
+  if not isinstance(config.model_options, ml_collections.ConfigDict):
+    raise UserError(f"{prefix}model_options={config.model_options!r}; expected keyword options "
+                    f"(--set {prefix}model_options.KEY=VALUE)")
+  errors.check_int(f"{prefix}batch_size", config.batch_size)
+  check_seed(f"{prefix}seed", config.seed)
+  check_optimizer(config, prefix)
+  augment(config)
+
+
+def check_optimizer(config: ml_collections.ConfigDict, prefix: str = "", *,
+                    min_epochs: int = 1) -> None:
+  """Raises a UserError naming the field for a bad ``epochs``, ``learning_rate``,
+  ``momentum``, ``weight_decay``, ``schedule``, ``milestones`` or ``gamma``."""
+  errors.check_int(f"{prefix}epochs", config.epochs, min_epochs)
+  errors.check_number(f"{prefix}learning_rate", config.learning_rate, 0, strict=True)
+  errors.check_number(f"{prefix}momentum", config.momentum, 0, 1)
+  errors.check_number(f"{prefix}weight_decay", config.weight_decay, 0)
+  errors.check_number(f"{prefix}gamma", config.gamma, 0, strict=True)
+  milestones = config.milestones
+  if (not isinstance(milestones, (tuple, list))
+      or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
+      or list(milestones) != sorted(milestones)):
+    raise UserError(f"{prefix}milestones={milestones!r}; expected ascending epochs (ints >= 1)")
+  if config.schedule not in SCHEDULES:
+    raise UserError(f"unknown {prefix}schedule {config.schedule!r}; known: "
+                    f"{', '.join(SCHEDULES)}")
 
 
 def dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
@@ -41,7 +84,6 @@ def augment(config: ml_collections.ConfigDict) -> train_lib.Augment | None:
 
 
 def schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  errors.check_int("epochs", config.epochs)
   if config.schedule == "cosine":
     return train_lib.cosine_schedule(config.learning_rate, config.epochs * steps_per_epoch)
   if config.schedule == "multistep":
@@ -49,7 +91,7 @@ def schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.S
                                         config.gamma)
   if config.schedule == "constant":
     return optax.constant_schedule(config.learning_rate)
-  raise UserError(f"unknown schedule {config.schedule!r}; known: cosine, multistep, constant")
+  raise UserError(f"unknown schedule {config.schedule!r}; known: {', '.join(SCHEDULES)}")
 
 
 def optimizer(config: ml_collections.ConfigDict,

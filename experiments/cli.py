@@ -1,12 +1,15 @@
 """Shared command line for the study runners: ``--config PRESET --workdir DIR [--set k=v ...]``.
 
-Bad input (unknown preset or key, anything raising ``UserError``) prints one line and exits 2.
+Bad input (unknown preset or key, anything raising ``UserError``) prints one line and exits 2;
+a workdir the failed command created is removed again.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
@@ -77,5 +80,13 @@ def main(run: Callable[[ml_collections.ConfigDict, str], Any], configs: ModuleTy
   parser.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a config field (repeatable)")
   args = parser.parse_args(argv)
+  fresh = not os.path.lexists(args.workdir)
   with exit_on_user_error():
-    run(load_config(configs, args.config, args.overrides), args.workdir)
+    try:
+      run(load_config(configs, args.config, args.overrides), args.workdir)
+    except UserError:
+      # A workdir this call created holds no run the corrected command could resume (it is
+      # another config), and its config.json would make that command refuse the directory.
+      if fresh:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+      raise

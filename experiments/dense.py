@@ -16,6 +16,11 @@ from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for bad settings before anything is loaded."""
+  build.check_training(config)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                        progress: bool = True) -> dict[str, Any]:
   """Trains ``config.model`` on ``config.dataset``; resumes from ``workdir`` if it holds a run.
@@ -23,6 +28,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Writes ``config.json``, ``metrics.jsonl`` (one record per epoch), ``checkpoints/`` and
   ``results.json`` into ``workdir``. Returns the results dict plus the per-epoch records.
   """
+  check_config(config)
   ds = build.dataset(config)
   model = build.model(config, ds.num_classes)
   augment = build.augment(config)

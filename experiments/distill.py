@@ -84,9 +84,10 @@ def protocol_of(config: ml_collections.ConfigDict) -> evaluate.Protocol:
 
 def check_config(config: ml_collections.ConfigDict) -> methods.Method:
   """Raises UserError for settings that are wrong before any data is read."""
+  build.check_training(config)
   method = method_of(config)
   build.check_population_options(config)
-  for name in ("num_models", "pool_size", "checkpoint_every", "epochs", "batch_size"):
+  for name in ("num_models", "pool_size", "checkpoint_every"):
     errors.check_int(name, config[name])
   if not 0 < config.train_fraction <= 1:
     raise UserError(f"train_fraction={config.train_fraction!r}; expected a value in (0, 1]")

@@ -63,9 +63,9 @@ def training_attack(config: ml_collections.ConfigDict) -> rst.TrainingAttack:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises UserError for a bad setting of any stage before anything is loaded or trained."""
+  build.check_training(config)
   training_attack(config)
   rst.keep_ratio_array(config.keep_ratios)
-  errors.check_int("epochs", config.epochs)
   build.check_population_options(config)
   get_initializer(config.weight_init)
   evaluation = config.eval
@@ -80,9 +80,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.finetune.init not in rst.FINETUNE_INITS:
     raise UserError(f"unknown finetune.init {config.finetune.init!r}; known: "
                     f"{', '.join(rst.FINETUNE_INITS)}")
+  build.check_optimizer(config.finetune, "finetune.", min_epochs=0)
   if config.finetune.epochs > 0:
     get_initializer(config.finetune.weight_init)
-    build.schedule(config.finetune, steps_per_epoch=1)
   if config.dense_baseline.enabled:
     # Which options a model takes does not depend on its number of classes.
     build.model(config, 1, **config.dense_baseline.model_options.to_dict())

@@ -120,6 +120,9 @@ def slim_arm(config: ml_collections.ConfigDict, spec: ModelSpec,
 
 def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
   """Raises UserError for bad arms, block counts or settings before anything is loaded."""
+  build.check_training(config)
+  build.check_training(config.source, "source.")
+  errors.check_int("source.eval_size", config.source.eval_size)
   specs = model_specs(config)
   for field, allowed in (("arms", MAIN_ARMS), ("sweep_arms", SWEEP_ARMS)):
     unknown = sorted(set(config[field]) - set(allowed))
@@ -143,7 +146,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
   if config.meanvar_norm_init not in transfusion.NORM_INITS:
     raise UserError(f"unknown meanvar_norm_init {config.meanvar_norm_init!r}; known: "
                     f"{', '.join(transfusion.NORM_INITS)}")
-  for name in ("seeds", "eval_every_steps", "epochs"):
+  for name in ("seeds", "eval_every_steps"):
     errors.check_int(name, config[name])
   build.check_population_options(config)
   if config.reduced_fraction is not None:

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # Reports are written on headless machines.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxtickets.errors import UserError  # noqa: E402
+
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
                    float_format: str = "{:.4g}") -> str:
@@ -53,7 +55,11 @@ class Report:
 
   def __init__(self, directory: str | pathlib.Path, title: str):
     self.directory = pathlib.Path(directory)
-    self.directory.mkdir(parents=True, exist_ok=True)
+    try:
+      self.directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+      raise UserError(f"cannot create report directory {self.directory}: "
+                      f"{error.strerror or error}") from None
     self._parts = [f"# {title}\n"]
 
   def section(self, title: str, text: str = "") -> None:

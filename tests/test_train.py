@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from assertions import assert_one_line_user_error
-from experiments import cli
+from experiments import cli, dense
 from experiments.configs import dense as dense_configs
 from jaxtickets import checkpoint, loop, metrics
 from jaxtickets import data as data_lib
@@ -214,6 +214,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, override, mes
   assert result.returncode == 2
   assert result.stderr.count("\n") == 1 and message in result.stderr.lower()
   assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("learning_rate=-1", "learning_rate=-1"), ("momentum=1.5", "momentum=1.5"),
+    ("weight_decay=-0.1", "weight_decay=-0.1"), ("gamma=0", "gamma=0"),
+    ("milestones=(5, 2)", "milestones=(5, 2)"), ("milestones=('a',)", "milestones=('a',)"),
+    ("schedule='step'", "unknown schedule 'step'"), ("seed=-1", "seed=-1"),
+    ("seed=4294967296", "seed=4294967296"), ("batch_size=None", "batch_size=None"),
+    ("model_options=None", "model_options=None"), ("dataset=None", "dataset=None"),
+    # Refused by the model after the workdir was claimed: the failed command removes it.
+    ("model_options.depth=0", "no conv units"),
+])
+def test_bad_training_values_exit_2_before_or_without_a_workdir(override, fragment,
+                                                                assert_cli_user_error):
+  assert_cli_user_error(dense.main, ["--config", "small", "--set", override], fragment)
 
 
 def test_workdir_of_another_config_is_refused_untouched(tmp_path):

@@ -62,6 +62,10 @@ class Protocol:
   def __post_init__(self):
     for field in ("num_nets", "epochs", "batch_size", "checkpoint_every"):
       errors.check_int(f"evaluation {field}", getattr(self, field))
+    errors.check_number("evaluation learning_rate", self.learning_rate, 0, strict=True)
+    errors.check_number("evaluation weight_decay", self.weight_decay, 0)
+    for field in ("momentum", "mix_probability"):
+      errors.check_number(f"evaluation {field}", getattr(self, field), 0, 1)
     self.dsa_strategy()
 
   def dsa_strategy(self) -> dsa.Strategy:
