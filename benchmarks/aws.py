@@ -164,8 +164,8 @@ def run_benchmark(settings: Settings, quick: bool) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
   args = common.parse_args(__doc__, "benchmarks/out/aws.json", argv)
   with exit_on_user_error():
-    report = run_benchmark(QUICK if args.quick else FULL, args.quick)
-  common.json_writer(args.out)(report)
+    save = common.json_writer(args.out)
+    save(run_benchmark(QUICK if args.quick else FULL, args.quick))
   print(f"\nwrote {args.out}")
   return 0
 

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxtickets import data as data_lib
+from jaxtickets.errors import UserError
 
 
 def first_and_median_seconds(call: Callable[[], Any], timings: int) -> tuple[float, float]:
@@ -91,11 +92,23 @@ def parse_args(description: str, default_out: str, argv: Sequence[str] | None = 
 
 
 def json_writer(out: str | pathlib.Path) -> Callable[[dict[str, Any]], None]:
-  """``save(report)``: (re)writes ``out`` as indented JSON, so a killed run keeps what it had."""
+  """``save(report)``: (re)writes ``out`` as indented JSON, so a killed run keeps what it had.
+
+  Raises:
+    UserError (now, before anything is measured): ``out`` is a directory, or a file stands where
+    one of its folders would be. The folders are made at the first save.
+  """
   out = pathlib.Path(out)
-  out.parent.mkdir(parents=True, exist_ok=True)
+  if out.is_dir():
+    raise UserError(f"--out {out} is a directory; expected a .json file path")
+  folder = out.parent
+  while not folder.exists():
+    folder = folder.parent
+  if not folder.is_dir():
+    raise UserError(f"--out {out}: {folder} is a file, not a folder")
 
   def save(report: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 
   return save

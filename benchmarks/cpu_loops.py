@@ -30,6 +30,7 @@ import jax
 from benchmarks import common
 from jaxtickets import compiled, population
 from jaxtickets import train as train_lib
+from jaxtickets.errors import exit_on_user_error
 from jaxtickets.models import get_model
 
 NUM_CLASSES = 10
@@ -108,7 +109,8 @@ def run_benchmark(settings: Settings, save: Callable[[dict[str, Any]], None]) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = common.parse_args(__doc__, "benchmarks/out/cpu_loops.json", argv)
-  run_benchmark(QUICK if args.quick else Settings(), common.json_writer(args.out))
+  with exit_on_user_error():
+    run_benchmark(QUICK if args.quick else Settings(), common.json_writer(args.out))
   print(f"\nwrote {args.out}")
   return 0
 

@@ -49,7 +49,7 @@ from benchmarks import common
 from jaxtickets import compiled, population
 from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
-from jaxtickets.distill import augment_models, evaluate, methods, synthetic
+from jaxtickets.distill import augment_models, evaluate, matching, methods, synthetic
 from jaxtickets.errors import UserError, exit_on_user_error
 from jaxtickets.models import get_model
 
@@ -129,11 +129,16 @@ class OuterVariant(NamedTuple):
   @classmethod
   def parse(cls, text: str) -> OuterVariant:
     parts = text.split("/")
-    if len(parts) not in (5, 6) or not parts[0].isdigit() or not parts[4].isdigit():
+    if (len(parts) not in (5, 6) or not parts[0].isdigit() or int(parts[0]) < 1
+        or not parts[4].isdigit()):
       raise UserError(f"outer variant {text!r}: expected "
-                      "M/model_map/class_map/dtype/net_steps[/conv_impl], "
+                      "M/model_map/class_map/dtype/net_steps[/conv_impl] with M >= 1, "
                       "e.g. 1/vmap/unroll/bfloat16/32 or 10/vmap/vmap/bfloat16/32/im2col")
-    return cls(int(parts[0]), parts[1], parts[2], parts[3], int(parts[4]), *parts[5:])
+    variant = cls(int(parts[0]), parts[1], parts[2], parts[3], int(parts[4]), *parts[5:])
+    matching.check_map("model_map", variant.model_map)
+    matching.check_map("class_map", variant.class_map)
+    _check_model_options(variant.dtype, variant.conv_impl)
+    return variant
 
 
 def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str, Any]:
@@ -332,7 +337,14 @@ def _evaluation_variant(text: str) -> tuple[str, int, str]:
   if len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
     raise UserError(f"evaluation variant {text!r}: expected dtype/N[/conv_impl], e.g. "
                     "bfloat16/32 or bfloat16/32/im2col")
-  return parts[0], int(parts[1]), *(parts[2:] or ["xla"])
+  dtype, num_nets, conv_impl = parts[0], int(parts[1]), *(parts[2:] or ["xla"])
+  _check_model_options(dtype, conv_impl)
+  return dtype, num_nets, conv_impl
+
+
+def _check_model_options(dtype: str, conv_impl: str) -> None:
+  """Raises UserError for a dtype or conv_impl no model takes, before anything is timed."""
+  get_model("convnet3", num_classes=NUM_CLASSES, dtype=dtype, conv_impl=conv_impl)
 
 
 def _attempt(measure: Callable[[], dict[str, Any]], identity: dict[str, Any],
@@ -359,6 +371,8 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
                             "settings": dataclasses.asdict(settings), "outer_iteration": [],
                             "evaluation": [], "torch": None}
   variants = [OuterVariant.parse(text) for text in settings.outer] if "outer" in parts else []
+  evaluations = [_evaluation_variant(text) for text in settings.evaluation] \
+      if "evaluation" in parts else []
   if variants:
     print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations; net_steps 0 "
           "times the matching alone):")
@@ -376,8 +390,6 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
             f"{result['projected_s'] / 60:>12.1f} min for "
             f"{result['projected_outer_iterations']:.0f} outer", flush=True)
     save(report)
-  evaluations = [_evaluation_variant(text) for text in settings.evaluation] \
-      if "evaluation" in parts else []
   if evaluations:
     print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
     print(f"{'dtype':<9}{'N':>3}  {'strategy':<14}{'images/s':>12}{'ms/step':>10}"

@@ -378,8 +378,8 @@ def main(argv=None) -> None:
   args = common.parse_args(__doc__, "benchmarks/out/rst_step.json", argv, lambda parser: (
       parser.add_argument("--torch-device", default="cuda", choices=("cuda", "cpu"),
                           help="where the PyTorch reference step runs (cpu: to check the code)")))
-  write = common.json_writer(args.out)
   with exit_on_user_error():
+    write = common.json_writer(args.out)
     run(QUICK if args.quick else FULL, args.torch_device,
         lambda results: write({**results, "quick": args.quick}))
   print(f"wrote {args.out}")
