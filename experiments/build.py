@@ -115,3 +115,6 @@ def check_population_options(config: ml_collections.ConfigDict) -> None:
   """Raises UserError for a bad ``strategy``/``chunk_size`` before anything is loaded."""
   if config.strategy is not None:
     population.check_options(config.strategy, config.get("chunk_size"))
+  elif config.get("chunk_size") is not None:
+    raise UserError(f"chunk_size={config.chunk_size!r} applies to strategy 'map'; strategy is "
+                    "None (the measured default)")

@@ -64,7 +64,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 def load_config(configs: ModuleType, preset: str | None,
                 overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  config = configs.get_config(preset) if preset else configs.get_config()
+  config = configs.get_config() if preset is None else configs.get_config(preset)
   apply_overrides(config, overrides)
   return config
 

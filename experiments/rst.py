@@ -71,7 +71,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   evaluation = config.eval
   rst.evaluation_attacks(eps=evaluation.eps, step_size=evaluation.step_size,
                          pgd_steps=evaluation.pgd_steps, apgd_steps=evaluation.apgd_steps)
-  for name in ("eot_samples", "every_epochs"):
+  for name in ("eot_samples", "every_epochs", "batch_size"):
     errors.check_int(f"eval.{name}", evaluation[name])
   unknown = sorted(set(evaluation.attacks) - set(COLUMNS[1:]))
   if unknown or "pgd" not in evaluation.attacks:

@@ -281,6 +281,9 @@ def _load_npz(path: pathlib.Path) -> tuple[dict[str, Split], int]:
         else ("train", "test")
     read_split = _medmnist_split
   splits = {split: read_split(path, arrays, split) for split in split_names}
+  empty = [split for split, data in splits.items() if not len(data.labels)]
+  if empty:
+    raise UserError(f"{path}: the {empty[0]} split has no images")
   shapes = {split: data.images.shape[1:] for split, data in splits.items()}
   if len(set(shapes.values())) > 1:
     raise UserError(f"{path}: the splits' images differ in shape "

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtickets import files
+from jaxtickets.errors import UserError
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -91,7 +92,16 @@ class MetricsLog:
     lines = self.path.read_text().splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
       lines.pop()
-    return [json.loads(line) for line in lines if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        raise UserError(f"{self.path} line {number} is not a JSON record; the run directory "
+                        "was modified, use a new --workdir") from None
+    return records
 
   def truncate(self, step: int) -> None:
     """Drops the records after ``step`` (and a cut-short last line)."""

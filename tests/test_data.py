@@ -152,6 +152,8 @@ def _medmnist_arrays(**overrides) -> dict[str, np.ndarray]:
     ({"train_images": np.zeros((6, 5, 5), np.float32)}, "'train_images'"),
     ({"val_images": np.zeros((2, 5, 5), np.uint8)}, "'val_labels'"),
     ({"test_images": np.zeros((4, 8, 8), np.uint8)}, "test (8, 8, 1)"),
+    ({"test_images": np.zeros((0, 5, 5), np.uint8), "test_labels": np.zeros(0, np.int64)},
+     "the test split has no images"),
 ])
 def test_bad_npz_raises_one_line_error_naming_the_array(tmp_path, overrides, fragment):
   path = tmp_path / "bad.npz"

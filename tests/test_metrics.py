@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from assertions import assert_one_line_user_error
 from jaxtickets import metrics
 
 
@@ -78,4 +79,10 @@ def test_metrics_log_drops_a_record_cut_short_by_a_kill(tmp_path):
   assert [r["step"] for r in log.read()] == [10, 20]
   log.truncate(20)
   assert (tmp_path / "m.jsonl").read_text().count("\n") == 2
+
+
+def test_metrics_log_with_a_broken_record_inside_is_a_user_error(tmp_path):
+  path = tmp_path / "m.jsonl"
+  path.write_text('{"step": 10}\nnot json\n{"step": 30}\n')
+  assert_one_line_user_error(metrics.MetricsLog(path).read, "m.jsonl line 2")
   assert sorted(path.name for path in tmp_path.iterdir()) == ["m.jsonl"]

@@ -241,7 +241,8 @@ def test_workdir_of_another_config_is_refused_untouched(tmp_path):
 
 
 def test_unknown_preset_and_key_are_user_errors(tmp_path):
-  for args in (["--config", "nope"], ["--config", "small", "--set", "no_such_key=1"]):
+  for args in (["--config", "nope"], ["--config", ""],
+               ["--config", "small", "--set", "no_such_key=1"]):
     result = _run_cli(*args, "--workdir", str(tmp_path / "w"), check=False)
     assert result.returncode == 2 and result.stderr.startswith("error:")
 
