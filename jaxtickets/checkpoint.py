@@ -7,8 +7,10 @@ directory is touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -101,14 +103,27 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise UserError(f"no checkpoint in {self.directory}")
-    saved = _leaf_specs(self._manager.item_metadata(step).tree)
+    with self._readable(step):
+      saved = _leaf_specs(self._manager.item_metadata(step).tree)
     expected = _leaf_specs(template)
     if saved != expected:
       leaf = next(name for name in sorted(saved.keys() | expected.keys())
                   if saved.get(name) != expected.get(name))
       raise UserError(f"checkpoint {self.directory}/{step} does not match this run: leaf {leaf!r} "
                       f"is {saved.get(leaf)} there, {expected.get(leaf)} here")
-    return self._manager.restore(step, args=ocp.args.StandardRestore(template))
+    with self._readable(step):
+      return self._manager.restore(step, args=ocp.args.StandardRestore(template))
+
+  @contextlib.contextmanager
+  def _readable(self, step: int) -> Iterator[None]:
+    """Turns orbax's failure to read a damaged checkpoint (any exception: its readers raise
+    many kinds) into a one-line UserError."""
+    try:
+      yield
+    except Exception as error:  # noqa: BLE001
+      first_line = (str(error).strip().splitlines() or [""])[0][:200]
+      raise UserError(f"checkpoint {self.directory}/{step} cannot be read "
+                      f"({type(error).__name__}: {first_line}); use a new --workdir") from None
 
   def close(self) -> None:
     """Releases orbax's background resources."""

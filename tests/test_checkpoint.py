@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from assertions import assert_one_line_user_error
 from jaxtickets import checkpoint
 from jaxtickets.errors import UserError
 
@@ -37,6 +38,20 @@ def test_restore_into_other_shapes_is_a_user_error(tmp_path):
     with pytest.raises(UserError) as err:
       ckpt.restore(other)
   assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("damaged", ["_METADATA", "data"])
+def test_a_damaged_checkpoint_is_a_user_error(tmp_path, damaged):
+  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(1, _tree())
+  files = [path for path in (tmp_path / "ckpt" / "1").rglob("*") if path.is_file()
+           and (path.name == "_METADATA") == (damaged == "_METADATA")]
+  assert files
+  for path in files:
+    path.write_bytes(b"{")
+  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+    assert_one_line_user_error(lambda: ckpt.restore(_tree()), "cannot be read",
+                               "use a new --workdir")
 
 
 def test_restore_without_checkpoint_is_a_user_error(tmp_path):
