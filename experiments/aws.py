@@ -5,7 +5,8 @@ its own subdirectory of the workdir:
 
 1. ``pruning/round_RR/``: the methods of ``config.methods`` (LRR, AWS) from one initialization,
    side by side as one population: a dense warm-up (round 00), then ``pruning.rounds`` rounds
-   that each train and then remove ``pruning.fraction`` of the surviving weights.
+   that each remove ``pruning.fraction`` of the surviving weights and train at the new mask;
+   round r's trained network (density ``(1 - fraction)^r``) is its ticket.
 2. ``transfer/group_GG/``: every ticket of ``transfer.densities`` from every method, transferred
    to fresh initializations (one per seed) by sign, by mask, or retrained from its own weights,
    plus the fresh dense network; all trained as populations of ``transfer.population_size``.
@@ -196,10 +197,10 @@ class Pruning:
   """The pruning stage's populations (members in ``config.methods`` order).
 
   Attributes:
-    trained: per round r = 0..R, the state at the end of its training (round 0: the warm-up;
-      round r >= 1 trained at the mask of round r - 1).
-    tickets: per round r = 1..R (index r - 1), ``(params, batch_stats, mask)`` after its
-      pruning: the networks the transfers start from.
+    trained: per round r = 0..R, the state at the end of its training (round 0: the dense
+      warm-up; round r >= 1: pruned from round r - 1's network, then trained at its mask).
+    tickets: per round r = 1..R (index r - 1), that round's trained ``(params, batch_stats,
+      mask)``: the networks the transfers start from (the reference's ``checkpoint_iter{r}``).
     records: per round, the loop's log.
   """
   trained: list[aws.SparseState]
@@ -217,26 +218,20 @@ def pruning_stage(context: Context) -> Pruning:
       seed_key(config, "pruning", 0), context.params, context.batch_stats,
       aws.dense_mask(context.params), aws_flag, optimizer)))(is_aws)
 
-  @functools.partial(jax.jit, static_argnames="fraction")
-  def start_round(states, key, fraction):
+  @jax.jit
+  def start_round(states, key):
     def start(state, start_of_run):
       rewind = start_of_run if pruning.rewind == "init" else None
-      return aws.next_round(state, optimizer, context.prunable, fraction=fraction, key=key,
-                            rewind=rewind)
+      return aws.next_round(state, optimizer, context.prunable, fraction=pruning.fraction,
+                            key=key, rewind=rewind)
 
     return jax.vmap(start)(states, initial)
-
-  @jax.jit
-  def prune(states):
-    return jax.vmap(lambda state: aws.prune(state.train.params, state.mask, context.prunable,
-                                            pruning.fraction))(states)
 
   trained, all_records, states = [], [], initial
   for round_index in range(pruning.rounds + 1):
     if round_index:
-      # The reference's first round trains the warmed-up dense net again before it prunes.
-      fraction = pruning.fraction if round_index > 1 else 0.0
-      states = start_round(states, seed_key(config, "pruning", round_index), fraction)
+      # As the reference's released train.py: prune what the last round trained, then train.
+      states = start_round(states, seed_key(config, "pruning", round_index))
     epochs = pruning.epochs_per_round if round_index else pruning.warmup_epochs
     if epochs:
       states, records = fit(context, f"pruning/round_{round_index:02d}", states, optimizer, epochs)
@@ -244,11 +239,9 @@ def pruning_stage(context: Context) -> Pruning:
       records = []
     trained.append(states)
     all_records.append(records)
-  pruned = []
-  for states in trained[1:]:
-    params, mask = prune(states)
-    pruned.append((params, states.train.batch_stats, mask))
-  return Pruning(trained, pruned, all_records)
+  tickets = [(states.train.params, states.train.batch_stats, states.mask)
+             for states in trained[1:]]
+  return Pruning(trained, tickets, all_records)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -566,10 +559,11 @@ def add_report_sections(report: report_lib.Report, results: dict[str, Any]) -> N
       f"{results['model']} on {results['dataset']} (train {sizes['train']}, test "
       f"{sizes['test']}; {results['prunable_params']} prunable weights). "
       f"{' and '.join(m.upper() for m in results['methods'])} pruned side by side as one "
-      f"population: {epochs['warmup']} warm-up epochs, then {results['rounds']} rounds of "
-      f"{epochs['per_round']} epochs that each end by removing {results['fraction']:.0%} of "
-      f"the surviving weights (global magnitude; classifier, biases and norms dense). Tickets "
-      f"transferred to a fresh init and trained {epochs['transfer']} epochs as one population; "
+      f"population: {epochs['warmup']} warm-up epochs, then {results['rounds']} rounds that "
+      f"each remove {results['fraction']:.0%} of the surviving weights (global magnitude; "
+      f"classifier, biases and norms dense) and train {epochs['per_round']} epochs; each "
+      f"round's trained network is its ticket. Tickets transferred to a fresh init and trained "
+      f"{epochs['transfer']} epochs as one population; "
       f"error barriers with BatchNorm recalibrated at each of the {results['lmc_points']} "
       f"points of a path.")
   report.text(findings_text(results["findings"]) + "\n")

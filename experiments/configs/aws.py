@@ -5,16 +5,18 @@ Presets:
 - ``cifar100_resnet50``: the paper's protocol (official code): CIFAR ResNet-50 (3x3 stem, no
   max-pool); LRR and AWS pruning with SGD lr 0.1 (constant), momentum 0.9, coupled weight decay
   5e-4 on all params, batch 128, crop + flip, inputs normalized with the reference's CIFAR
-  statistics (``normalization="cifar10_common"``, for CIFAR-100 too); a 10-epoch dense warm-up, then 15 rounds of 10
-  epochs that each end by removing 20% of the surviving weights (density 0.8^k); every ticket
-  transferred (sign, mask, retrain) and the dense baseline trained 100 epochs with lr x0.1 at 50
-  and 75, seeds 2 and 3 (the reference's ``ft_seed``s).
+  statistics (``normalization="cifar10_common"``, for CIFAR-100 too); a 10-epoch dense warm-up,
+  then 15 rounds that each remove 20% of the surviving weights and train 10 epochs at the new
+  mask (round k's trained network, density 0.8^k, is its ticket, as the released train.py
+  saves ``checkpoint_iter{k}``); every ticket transferred (sign, mask, retrain) and the dense
+  baseline trained 100 epochs with lr x0.1 at 50 and 75, seeds 2 and 3 (the reference's
+  ``ft_seed``s).
 - ``cifar100_mobilenetv2``: the same with MobileNetV2 (CIFAR strides) and lr 0.05.
 - ``cifar10_resnet20``: the same protocol on CIFAR-10 with ResNet-20, for quicker runs.
 - ``digits``: the demo's CPU run (about 2 minutes on 2 cores): a ConvNet-3 of width 16 with
-  BatchNorm on the 8x8 digits; warm-up 4 epochs, 4 rounds of 2 epochs removing half of the
-  survivors each (density 0.5^k), transfers from densities 0.25 and 0.0625 trained 8 epochs,
-  one seed.
+  BatchNorm on the 8x8 digits; warm-up 4 epochs, 4 rounds that each remove half of the
+  survivors and train 2 epochs (density 0.5^k), transfers from densities 0.25 and 0.0625
+  trained 8 epochs, one seed.
 - ``cifar10_subset``: the digits protocol on a stratified 10% of CIFAR-10's training split
   (5,000 images, crop + flip) and 20% of its test split, 6 transfer epochs: the CPU run of the
   findings (``--set dataset=npz:PATH`` reads the shared JPEG-packed copy).
@@ -60,11 +62,11 @@ def _base() -> ml_collections.ConfigDict:
   c.pruning = ml_collections.ConfigDict()
   c.pruning.warmup_epochs = 10
   c.pruning.rounds = _PAPER_ROUNDS
-  c.pruning.epochs_per_round = 10  # Each round trains, then removes `fraction` of survivors.
+  c.pruning.epochs_per_round = 10  # Each round removes `fraction` of survivors, then trains.
   c.pruning.fraction = 0.2
   # "none": LRR (continue from the weights), the reference's. "init": IMP, an extension: every
-  # round, the first (dense) one too, restarts from the initialization, so the warm-up only
-  # decides the first mask.
+  # round restarts from the initialization at its new mask, so the warm-up only decides the
+  # first mask.
   c.pruning.rewind = "none"
   # Learning rate of the pruning runs (constant; the reference does not step its scheduler).
   c.pruning.learning_rate = 0.1

@@ -7,15 +7,15 @@ Presets (``method`` is switchable: ``--set method=idc`` / ``dc`` / ``dsa`` / ``d
   ncsu-dk-lab/Acc-DD and IDC's reproduce settings): ConvNet-3 (width 128, instance norm, avg-pool,
   PyTorch init), gradient matching with IDC's squared distance over conv kernels, multi-formation
   factor 2 with ``mix`` init, 500 outer x 100 inner iterations, lr_img 1e-2 * ipc / 10 (momentum
-  0.5, one step per class in class order, computed in one program), real batch 64 per class, at most 128 decoded synthetic images per class, nets trained
-  between updates on 2000 real images (32 steps of 64) with DSA color + crop and CutMix (p 0.5),
-  a pool of 5 early-stage nets pretrained for 2 epochs (SGD 0.01 / 0.9 / 5e-4, batch 64),
-  perturbation magnitudes U(0.01, 0.09). Evaluation: 5 nets, 1000 epochs, batch 64, lr x0.2 at
-  2/3 and 5/6, DSA + CutMix, final test accuracy. Inputs are normalized as the reference
-  normalizes CIFAR-10 and CIFAR-100 (``normalization="cifar10_common"``: std 0.2023, 0.1994,
-  0.2010), the units of DSA's brightness range and of DC/DSA/DM's image learning rates. The
-  CIFAR sources are TFDS names; point
-  ``dataset`` at ``npz:.../cifar10_jpeg.npz`` to read the JPEG-packed CIFAR-10.
+  0.5, one step per class in class order, computed in one program), real batch 64 per class, at most
+  128 decoded synthetic images per class, nets trained between updates on 2000 real images (32 steps
+  of 64) with DSA color + crop and CutMix (p 0.5), a pool of 5 early-stage nets pretrained for 2
+  epochs (SGD 0.01 / 0.9 / 5e-4, batch 64), perturbation magnitudes U(0.01, 0.09). Evaluation: 5
+  nets, 1000 epochs, batch 64, lr x0.2 at 2/3 and 5/6, DSA + CutMix, final test accuracy. Inputs are
+  normalized as the reference normalizes CIFAR-10 and CIFAR-100 (``normalization="cifar10_common"``:
+  std 0.2023, 0.1994, 0.2010), the units of DSA's brightness range and of DC/DSA/DM's image learning
+  rates. The CIFAR sources are TFDS names; point ``dataset`` at ``npz:.../cifar10_jpeg.npz`` to read
+  the JPEG-packed CIFAR-10.
 - ``digits``: the demo's CPU run (223 s measured on 2 cores shared with other jobs, load ~4):
   Acc-DD on the 16x16 digits, IPC 10,
   ConvNet-3 of width 16, 8 outer x 10 inner iterations with 2 net steps each, a pool of 3 nets
