@@ -323,8 +323,10 @@ def dense_stage(context: Context, attack: rst.TrainingAttack) -> tuple[StageResu
 
 def finetune_stage(context: Context, attack: rst.TrainingAttack,
                    model_apply_fn: train_lib.ApplyFn, evaluator: Evaluator, selected: StageResult,
-                   prunable: PyTree, fresh_batch_stats: PyTree) -> StageResult:
-  """The selected tickets' weights trained adversarially with their masks fixed."""
+                   prunable: PyTree) -> StageResult:
+  """The selected tickets' weights trained adversarially with their masks fixed, from the
+  search's running statistics (the reference's ``main.py`` loads them with the scores, and for
+  "reinit" redraws the conv weights only)."""
   config = context.config
   settings = config.finetune
   keep_ratios = rst.keep_ratio_array(config.keep_ratios)
@@ -334,15 +336,12 @@ def finetune_stage(context: Context, attack: rst.TrainingAttack,
   init_key, state_key = jax.random.split(seed_key(config, "finetune"))
   optimizer = build.optimizer(settings, context.steps_per_epoch)
 
-  def init_member(ticket, batch_stats, fresh_batch_stats):
+  def init_member(ticket, batch_stats):
     weights = rst.finetune_weights(ticket, prunable, init=settings.init, key=init_key,
                                    weight_init=settings.weight_init)
-    if settings.init == "reinit":
-      batch_stats = fresh_batch_stats
     return train_lib.create_train_state(state_key, weights, batch_stats, optimizer)
 
-  states = jax.jit(jax.vmap(init_member, in_axes=(0, 0, None)))(
-      selected_tickets, selected.best["batch_stats"], fresh_batch_stats)
+  states = jax.jit(jax.vmap(init_member))(selected_tickets, selected.best["batch_stats"])
   step = rst.make_finetune_step(model_apply_fn, optimizer, batch_size=config.batch_size,
                                 augment=build.augment(config), attack=attack)
   population_step = rst.make_population_step(
@@ -408,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     stages["dense"], evaluators["dense"] = dense_stage(context, attack)
   if config.finetune.epochs > 0:
     stages["finetune"] = finetune_stage(context, attack, model_apply_fn, evaluator,
-                                        stages["rst"], prunable, batch_stats)
+                                        stages["rst"], prunable)
     evaluators["finetune"] = evaluator
 
   selected = stages["rst"]

@@ -38,18 +38,21 @@ DIGITS_IMAGE_SIZES = (8, 16, 32)
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
 
-# The statistics published for CIFAR (RST's reference normalizes CIFAR-10 with these).
+# The statistics published for CIFAR (RST's reference normalizes CIFAR-10 with these, to three
+# decimals, and CIFAR-100 with CIFAR-10's).
 _CANONICAL_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 # Named normalizations (``load_dataset(normalization=...)``): "dataset" uses the dataset's own
-# statistics. "cifar10_common" is CIFAR-10's mean with the per-channel std that early PyTorch
-# CIFAR code spread (the true std is ~0.25): DC/DSA/DM, IDC, Acc-DD and AWS normalize CIFAR-10
-# and CIFAR-100 alike with it, and inputs' scale matters there beyond the first layer (DSA's
-# brightness range and the normalized-space image learning rates are in its units).
+# statistics, "cifar10" CIFAR-10's published ones. "cifar10_common" is CIFAR-10's mean with the
+# per-channel std that early PyTorch CIFAR code spread (the true std is ~0.25): DC/DSA/DM, IDC,
+# Acc-DD and AWS normalize CIFAR-10 and CIFAR-100 alike with it, and inputs' scale matters there
+# beyond the first layer (DSA's brightness range and the normalized-space image learning rates
+# are in its units).
 NORMALIZATIONS = {
     "dataset": None,
+    "cifar10": _CANONICAL_STATS["cifar10"],
     "cifar10_common": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
 }
 

@@ -186,7 +186,8 @@ def test_a_named_normalization_replaces_the_measured_statistics(tmp_path):
   assert_one_line_user_error(lambda: data.load_dataset("digits", normalization="cifar10_common"),
                               "'cifar10_common' has 3 channels", "digits images have 1")
   assert_one_line_user_error(lambda: data.load_dataset("digits", normalization="imagenet"),
-                              "unknown normalization 'imagenet'", "dataset, cifar10_common")
+                              "unknown normalization 'imagenet'",
+                              "dataset, cifar10, cifar10_common")
 
 
 def test_tfds_not_prepared_says_how_to_prepare(tmp_path):

@@ -30,7 +30,7 @@ def training(**values) -> ml_collections.ConfigDict:
   # For tfds datasets; None: $TFDS_DATA_DIR. Typed, so that --set keeps a numeric name a string.
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.image_size = None  # digits only: 8, 16 or 32.
-  # "dataset" (its own statistics) or "cifar10_common" (the one the DC/IDC/Acc-DD/AWS code uses).
+  # "dataset" (its own statistics), "cifar10" or "cifar10_common" (jaxtickets.data.NORMALIZATIONS).
   c.normalization = "dataset"
   c.model = "convnet3"
   c.model_options = ml_collections.ConfigDict()

@@ -62,19 +62,21 @@ def _base() -> ml_collections.ConfigDict:
   c.natural_baseline = True  # Also search natural (edge-popup) tickets at the same ratios.
   c.dense_baseline = ml_collections.ConfigDict()
   c.dense_baseline.enabled = True  # PGD-7 adversarial training of the dense network.
-  # The dense net is the usual one (affine BatchNorm, classifier bias, PyTorch init).
+  # A standard dense net (affine BatchNorm, classifier bias, PyTorch init); the reference's
+  # train_full.py instead trains the ticket network itself at keep ratio 1.
   c.dense_baseline.model_options = ml_collections.ConfigDict(
       {"norm": "batch", "head_bias": True})
 
   c.finetune = ml_collections.ConfigDict()
-  c.finetune.epochs = 0  # > 0: adversarially fine-tune the selected tickets' weights.
+  # > 0: adversarially fine-tune the selected tickets' weights (the reference: 160 epochs).
+  c.finetune.epochs = 0
   c.finetune.init = "inherited"  # or "reinit".
   c.finetune.weight_init = "kaiming_normal"  # for "reinit".
   c.finetune.learning_rate = 0.1
   c.finetune.momentum = 0.9
   c.finetune.weight_decay = 5e-4
   c.finetune.schedule = "multistep"
-  c.finetune.milestones = (40, 60)
+  c.finetune.milestones = (80, 120)  # The reference's cifar_piecewise schedule.
   c.finetune.gamma = 0.1
   return c
 
@@ -82,6 +84,7 @@ def _base() -> ml_collections.ConfigDict:
 def _cifar100_resnet18() -> ml_collections.ConfigDict:
   c = _base()
   c.dataset = "cifar100"
+  c.normalization = "cifar10"  # The reference's CIFAR100 loader uses CIFAR-10's statistics.
   return c
 
 

@@ -1,4 +1,7 @@
-"""CIFAR MobileNetV2 as in the RST and kuangliu/pytorch-cifar code (Sandler et al., 2018).
+"""CIFAR MobileNetV2 as in the kuangliu/pytorch-cifar code (Sandler et al., 2018).
+
+RST's released MobileNetV2 follows it but builds the depthwise conv without its stride (never
+downsampling, which leaves its 1x1-conv classifier an 8x8 map); the strides here are kuangliu's.
 
 ``stem`` 3x3 stride-1 conv (32 channels) + norm + ReLU; 17 inverted-residual blocks from the
 (expansion, channels, blocks, stride) table below, with the second stage's stride 2 -> 1 for
