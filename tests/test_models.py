@@ -421,12 +421,27 @@ def test_uniform_initializers(name, bound):
 
 
 @pytest.mark.parametrize("name,std", [("kaiming_normal", math.sqrt(2 / FAN_IN)),
+                                      ("kaiming_normal_fan_out", math.sqrt(2 / FAN_OUT)),
                                       ("xavier_normal", math.sqrt(2 / (FAN_IN + FAN_OUT)))])
 def test_normal_initializers(name, std):
   values = sample(name)
   assert values.std() == pytest.approx(std, rel=0.02)
   # Untruncated like PyTorch: some draws lie beyond 3 std (expected ~0.27% of 73,728).
   assert 100 < np.sum(np.abs(values) > 3 * std) < 300
+
+
+def test_stem_init_initializes_the_stem_only():
+  model = get_model("convnet3", num_classes=10, width=64, kernel_init="kaiming_normal_fan_out",
+                    stem_init="pytorch")
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  stem = np.asarray(params["stem"]["kernel"])  # 3x3x3 -> 64: PyTorch's U(+-1/sqrt(27))
+  assert np.abs(stem).max() <= 1 / math.sqrt(27) and stem.std() == pytest.approx(
+      1 / math.sqrt(27) / math.sqrt(3), rel=0.05)
+  block = np.asarray(params["block1"]["conv"]["kernel"])  # 3x3x64 -> 64: fan-out 576
+  assert block.std() == pytest.approx(math.sqrt(2 / 576), rel=0.03)
+  assert np.abs(block).max() > 3 * math.sqrt(2 / 576)  # Normal, not uniform.
+  assert_one_line_user_error(lambda: get_model("convnet3", num_classes=10, stem_init="he"),
+                             "unknown stem_init 'he'")
 
 
 def test_signed_kaiming_constant_has_two_values():

@@ -3,7 +3,8 @@
 Presets:
 
 - ``cifar100_resnet50``: the paper's protocol (official code): CIFAR ResNet-50 (3x3 stem, no
-  max-pool); LRR and AWS pruning with SGD lr 0.1 (constant), momentum 0.9, coupled weight decay
+  max-pool; torchvision's init: convs kaiming-normal by fan-out, the swapped-in stem PyTorch's
+  default); LRR and AWS pruning with SGD lr 0.1 (constant), momentum 0.9, coupled weight decay
   5e-4 on all params, batch 128, crop + flip, inputs normalized with the reference's CIFAR
   statistics (``normalization="cifar10_common"``, for CIFAR-100 too); a 10-epoch dense warm-up,
   then 15 rounds that each remove 20% of the surviving weights and train 10 epochs at the new
@@ -50,6 +51,10 @@ def _base() -> ml_collections.ConfigDict:
   c = common.training(dataset="cifar100", model="resnet50", batch_size=128, epochs=100,
                       learning_rate=0.1, milestones=(50, 75), augment="crop_flip", seed=1)
   c.normalization = "cifar10_common"  # The reference's, for CIFAR-10 and CIFAR-100 alike.
+  # torchvision's resnet50 init (convs kaiming-normal by fan-out) with the 3x3 stem swapped in
+  # afterwards (PyTorch's default init), as the reference builds it.
+  c.model_options = ml_collections.ConfigDict(
+      {"kernel_init": "kaiming_normal_fan_out", "stem_init": "pytorch"})
   # Stratified shares of the splits kept (None: all), for CPU-sized runs on real data.
   c.train_subset = None
   c.test_subset = None
@@ -93,6 +98,7 @@ def _base() -> ml_collections.ConfigDict:
 def _cifar100_mobilenetv2() -> ml_collections.ConfigDict:
   c = _base()
   c.model = "mobilenetv2"
+  c.model_options = ml_collections.ConfigDict()  # PyTorch's default init, as the reference's.
   c.learning_rate = 0.05
   c.pruning.learning_rate = 0.05
   return c
@@ -102,6 +108,7 @@ def _cifar10_resnet20() -> ml_collections.ConfigDict:
   c = _base()
   c.dataset = "cifar10"
   c.model = "resnet20"
+  c.model_options = ml_collections.ConfigDict()
   c.transfer.population_size = None
   return c
 
@@ -112,8 +119,8 @@ def _digits() -> ml_collections.ConfigDict:
   c.normalization = "dataset"
   c.image_size = 8
   c.model = "convnet3"
-  c.model_options.norm = "batch"  # AWS interpolates norm params; ConvNet-3's default is GroupNorm.
-  c.model_options.width = 16
+  # AWS interpolates norm params; ConvNet-3's default is GroupNorm.
+  c.model_options = ml_collections.ConfigDict({"norm": "batch", "width": 16})
   c.batch_size = 64
   c.augment = "none"  # Flipping digits changes their meaning.
   c.learning_rate = 0.05

@@ -57,6 +57,9 @@ _SAMPLERS: dict[str, Callable[..., jax.Array]] = {
     "pytorch": lambda key, shape, dtype, fi, fo: _uniform(key, shape, dtype, 1.0 / math.sqrt(fi)),
     "kaiming_normal": lambda key, shape, dtype, fi, fo: _normal(key, shape, dtype,
                                                                 math.sqrt(2.0 / fi)),
+    # kaiming_normal_(mode="fan_out", nonlinearity="relu"): torchvision ResNets' conv init.
+    "kaiming_normal_fan_out": lambda key, shape, dtype, fi, fo: _normal(key, shape, dtype,
+                                                                        math.sqrt(2.0 / fo)),
     "kaiming_uniform": lambda key, shape, dtype, fi, fo: _uniform(key, shape, dtype,
                                                                   math.sqrt(6.0 / fi)),
     "xavier_normal": lambda key, shape, dtype, fi, fo: _normal(key, shape, dtype,
@@ -72,7 +75,8 @@ def get_initializer(name: str, *, fan_scale: float = 1.0) -> Initializer:
   """Kernel initializer by name.
 
   Names: ``"pytorch"`` U(+-1/sqrt(fan_in)) (PyTorch's default conv/linear init),
-  ``"kaiming_normal"`` N(0, 2/fan_in), ``"kaiming_uniform"`` U(+-sqrt(6/fan_in)),
+  ``"kaiming_normal"`` N(0, 2/fan_in), ``"kaiming_normal_fan_out"`` N(0, 2/fan_out)
+  (torchvision's ResNet convs), ``"kaiming_uniform"`` U(+-sqrt(6/fan_in)),
   ``"xavier_normal"`` N(0, 2/(fan_in + fan_out)), ``"signed_kaiming_constant"``
   random sign * sqrt(2/fan_in) (the edge-popup / RST default for frozen weights).
 

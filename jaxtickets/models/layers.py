@@ -69,6 +69,7 @@ class Layers:
     dtype: compute dtype; parameters are always float32.
     use_bias: whether convs have a bias (PyTorch-style nets drop it before a norm).
     kernel_init: initializer name for conv kernels (see ``init.get_initializer``).
+    stem_init: initializer name for the conv named ``stem``, or None for ``kernel_init``.
     head_init: initializer name for the classifier kernel.
     head_bias: whether the classifier has a bias.
     conv_impl: how convs are computed, a key of ``conv.CONV_IMPLS`` (see ``Classifier``).
@@ -78,6 +79,7 @@ class Layers:
   dtype: Any
   use_bias: bool
   kernel_init: str
+  stem_init: str | None
   head_init: str
   head_bias: bool
   conv_impl: str
@@ -108,7 +110,8 @@ class Layers:
         features, (kernel_size, kernel_size), strides=(strides, strides),
         padding=((pad, pad), (pad, pad)), feature_group_count=groups, use_bias=bias,
         dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=get_initializer(self.kernel_init),
+        kernel_init=get_initializer(self.stem_init if name == "stem" and self.stem_init
+                                    else self.kernel_init),
         bias_init=pytorch_bias_init(kernel_size * kernel_size * x.shape[-1] // groups),
         conv_general_dilated=CONV_IMPLS[self.conv_impl], name=name)(x)
 
@@ -177,9 +180,9 @@ def check_options(model: nn.Module) -> None:
   if model.norm not in NORM_KINDS:
     raise UserError(f"unknown norm {model.norm!r}; known: {', '.join(NORM_KINDS)}")
   resolve_dtype(model.dtype)
-  for option in ("kernel_init", "head_init"):
+  for option in ("kernel_init", "stem_init", "head_init"):
     value = getattr(model, option)
-    if value not in INITIALIZER_NAMES:
+    if value not in INITIALIZER_NAMES and not (option == "stem_init" and value is None):
       raise UserError(f"unknown {option} {value!r}; known: {', '.join(INITIALIZER_NAMES)}")
   errors.check_int("width", model.width)
   if model.conv_impl not in CONV_IMPLS:
@@ -215,6 +218,8 @@ class Classifier(nn.Module):
     use_bias: conv biases.
     head_bias: classifier bias (RST's classifier is a bias-free 1x1 conv).
     kernel_init: conv kernel initializer name.
+    stem_init: the ``stem`` conv's initializer name; None: ``kernel_init`` (torchvision's CIFAR
+      ResNets, for one, replace the stem after initializing the rest their way).
     head_init: classifier kernel initializer name.
     width: base width (channels of the first stage); the architecture's default.
     conv_impl: "xla" (XLA's convolution: cuDNN on GPUs) or "im2col" (patches times kernel, one
@@ -229,13 +234,15 @@ class Classifier(nn.Module):
   use_bias: bool = False
   head_bias: bool = True
   kernel_init: str = "pytorch"
+  stem_init: str | None = None
   head_init: str = "pytorch"
   width: int = 64
   conv_impl: str = "xla"
 
   def _layers(self) -> Layers:
     return Layers(norm=self.norm, dtype=resolve_dtype(self.dtype), use_bias=self.use_bias,
-                  kernel_init=self.kernel_init, head_init=self.head_init,
+                  kernel_init=self.kernel_init, stem_init=self.stem_init,
+                  head_init=self.head_init,
                   head_bias=self.head_bias, conv_impl=self.conv_impl)
 
   def _emit(self, name: str, x: Array) -> Array:
