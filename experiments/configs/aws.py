@@ -29,8 +29,8 @@ Deviations from the reference, all documented where they live:
   forward pass and lets weight decay move the unused values); both train the same network.
 - Ties at the pruning threshold: the reference keeps every weight equal to it, here exactly
   ``int(0.8 * S)`` of S survivors stay (ties by position).
-- Linear mode connectivity recalibrates BatchNorm on full batches only (the reference's loader
-  keeps the last partial batch); the dataset has no validation split (the reference reports
+- Training epochs and the BatchNorm recalibration of linear mode connectivity use full batches
+  only (390 steps per CIFAR epoch; the reference's loader keeps the last partial batch: 391); the dataset has no validation split (the reference reports
   test accuracy at the last epoch, as here).
 - ``transfer.population_size`` splits the transfer sweep into populations trained one after
   another (the reference trains every member in its own process).
