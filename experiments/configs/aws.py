@@ -30,8 +30,9 @@ Deviations from the reference, all documented where they live:
 - Ties at the pruning threshold: the reference keeps every weight equal to it, here exactly
   ``int(0.8 * S)`` of S survivors stay (ties by position).
 - Training epochs and the BatchNorm recalibration of linear mode connectivity use full batches
-  only (390 steps per CIFAR epoch; the reference's loader keeps the last partial batch: 391); the dataset has no validation split (the reference reports
-  test accuracy at the last epoch, as here).
+  only (390 steps per CIFAR epoch; the reference's loader keeps the last partial batch: 391);
+  the dataset has no validation split (the reference reports test accuracy at the last epoch,
+  as here).
 - ``transfer.population_size`` splits the transfer sweep into populations trained one after
   another (the reference trains every member in its own process).
 - The digits presets use no augmentation (flips change digits' meaning), lr 0.05, shorter
