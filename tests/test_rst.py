@@ -271,6 +271,19 @@ def test_last_and_best_states_are_checkpointed_and_restored(small_run):
 # Fine-tuning and R2S
 
 
+def test_finetune_stage_trains_the_selected_tickets_kept_weights(small_run):
+  results, config, _ = small_run
+  selected, finetuned = results["stages"]["rst"].best["params"], results["stages"]["finetune"]
+  for member, keep_ratio in enumerate(config.keep_ratios):
+    ticket = rst.ticket_of(population.select(selected, member), keep_ratio)
+    mask = rst.ticket_mask(ticket, tickets.prunable(ticket.weights))
+    weights = population.select(finetuned.last.params, member)
+    for new, old, keep in zip(*map(jax.tree.leaves, (weights, ticket.weights, mask))):
+      assert np.mean(np.asarray(new != old)[np.asarray(keep)]) > 0.5
+  table = results["tickets"]["finetune"]["last"]
+  assert len(table["clean"]) == len(config.keep_ratios) and min(table["clean"]) > 0.3
+
+
 def test_finetuning_trains_only_the_kept_weights(digits, tiny_network):
   apply_fn, params, batch_stats, prunable = tiny_network
 
