@@ -49,7 +49,7 @@ REGIMES = ("full", "reduced")
 MAIN_ARMS = ("random", "transfer", "meanvar", "gabor")
 SWEEP_ARMS = ("transfusion", "slim", "gabor")
 # Streams of randomness derived from the seed (see :func:`seed_key`).
-_KEY_PURPOSES = ("pretrain", "model_init", "arm", "train")
+_KEY_PURPOSES = ("pretrain", "model_init", "arm", "train", "similarity")
 _MAX_FILTERS = 16
 
 
@@ -312,8 +312,9 @@ def _auc_fn(apply_fn: train_lib.ApplyFn, splits: dict[str, train_lib.Data]
   """
 
   def aucs(params, batch_stats):
-    # One-vs-rest AUC ranks probabilities: for more than two classes logits rank differently.
-    return {f"{name}_auc": metrics.roc_auc(jax.nn.softmax(
+    # One-vs-rest AUC ranks probabilities (for more than two classes logits rank differently);
+    # log-probabilities rank alike and do not saturate into ties as float32 softmax does.
+    return {f"{name}_auc": metrics.roc_auc(jax.nn.log_softmax(
         train_lib.predict(apply_fn, params, batch_stats, data.images,
                           batch_size=data.images.shape[0])), data.labels)
             for name, data in splits.items()}
@@ -430,7 +431,10 @@ def unit_outputs(model: Any, names: Sequence[str], mean: Sequence[float], std: S
 def representation_similarity(config: ml_collections.ConfigDict, spec: ModelSpec,
                               run: PopulationRun, probe: np.ndarray,
                               target: data_lib.Dataset) -> dict[str, Any] | None:
-  """Per unit: CCA of init vs trained (random, transfer), transfer vs random, random vs random.
+  """Per unit: CCA of init vs trained (random, transfer), transfer vs random, random vs random,
+  and the chance level: two independent draws of ReLU'd Gaussian noise shaped like the unit's
+  output. With few datapoints per neuron (small probes, late units' small maps) unrelated
+  representations score far above 0, so values are read against that level.
 
   Uses seed 0 of each arm (seed 1 of random for the two-seed baseline). None without a random
   or a transfer arm.
@@ -456,6 +460,11 @@ def representation_similarity(config: ml_collections.ConfigDict, spec: ModelSpec
            "transfer_vs_random": (acts("transfer", 0, True), acts("random", 0, True))}
   if config.seeds > 1:
     pairs["random_vs_random"] = (acts("random", 0, True), acts("random", 1, True))
+  shaped_like = pairs["random_init_vs_trained"][0]
+  pairs["chance"] = tuple(
+      {layer: jax.nn.relu(jax.random.normal(jax.random.fold_in(key, index), output.shape))
+       for index, (layer, output) in enumerate(shaped_like.items())}
+      for key in jax.random.split(seed_key(config, "similarity")))
   result = {"layers": layers}
   for method in config.similarity.methods:
     result[method] = {
@@ -661,25 +670,29 @@ def findings(results: dict[str, Any]) -> str:
   if speedups:
     lines.append(f"- **Convergence speed-up over random init** (steps until the validation AUC "
                  f"reaches {results['convergence_fraction']:.0%} of random init's final one, "
-                 f"full data): " + "; ".join(speedups) + ".")
+                 f"full data, measured every {results['eval_every_steps']} steps): "
+                 + "; ".join(speedups) + ".")
   changes = []
   method = similarity_method(results)
   for model, result in results["similarity"].items():
     if result is None:
       continue
     curves = result[method]
-    random_init = np.asarray(curves["random_init_vs_trained"])
-    half = max(len(random_init) // 2, 1)
-    lower, upper = random_init[:half].mean(), random_init[half:].mean()
+    # Above chance: unrelated representations of few datapoints per neuron score well above 0.
+    above = np.asarray(curves["random_init_vs_trained"]) - np.asarray(curves["chance"])
+    half = max(len(above) // 2, 1)
+    lower, upper = above[:half].mean(), above[half:].mean()
     listed = "; ".join(f"{arm} " + ", ".join(f"{value:.2f}" for value in curves[pair])
                        for arm, pair in (("random", "random_init_vs_trained"),
-                                         ("transfer", "transfer_init_vs_trained")))
-    changes.append(f"{model}: {listed} (random init: lower half {lower:.3f} vs upper half "
-                   f"{upper:.3f}, {'confirmed' if lower > upper else 'NOT confirmed'})")
+                                         ("transfer", "transfer_init_vs_trained"),
+                                         ("chance", "chance")))
+    changes.append(f"{model}: {listed} (random init, seed 0, above chance: lower half "
+                   f"{lower:.3f} vs upper half {upper:.3f}, "
+                   f"{'confirmed' if lower > upper else 'NOT confirmed'})")
   if changes:
     lines.append(f"- **Do lower layers change less?** {method.upper()} of each unit (lowest "
-                 "first) before vs after training (higher = changed less): "
-                 + " | ".join(changes) + ".")
+                 "first) before vs after training (higher = changed less; chance: independent "
+                 "noise of the unit's shape): " + " | ".join(changes) + ".")
   return "\n".join(lines)
 
 
@@ -711,7 +724,8 @@ def convergence_figure(results: dict[str, Any]) -> plt.Figure:
 _PAIR_TITLES = {"random_init_vs_trained": "random: init vs trained",
                 "transfer_init_vs_trained": "transfer: init vs trained",
                 "transfer_vs_random": "trained transfer vs trained random",
-                "random_vs_random": "trained random vs random (2 seeds)"}
+                "random_vs_random": "trained random vs random (2 seeds)",
+                "chance": "independent noise (chance level)"}
 
 
 def similarity_method(results: dict[str, Any]) -> str | None:
@@ -729,7 +743,9 @@ def similarity_figure(results: dict[str, Any], method: str) -> plt.Figure:
                            squeeze=False)
   for ax, (model, result) in zip(axes.flat, entries):
     for pair, values in result[method].items():
-      ax.plot(range(len(values)), values, marker="o", markersize=3, label=_PAIR_TITLES[pair])
+      style = {"color": "gray", "linestyle": ":"} if pair == "chance" else {}
+      ax.plot(range(len(values)), values, marker="o", markersize=3, label=_PAIR_TITLES[pair],
+              **style)
     ax.set_xticks(range(len(result["layers"])), result["layers"], rotation=45, ha="right",
                   fontsize=7)
     ax.set_ylim(0, 1.02)

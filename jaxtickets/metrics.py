@@ -30,7 +30,9 @@ def _binary_auc(scores: jax.Array, positive: jax.Array) -> jax.Array:
   num_pos = jnp.sum(positive, dtype=jnp.float32)
   num_neg = positive.shape[0] - num_pos
   rank_sum = jnp.sum(jnp.where(positive, ranks, 0.0))
-  return (rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
+  auc = (rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
+  # NaN scores (a diverged network) have no rank: the AUC is NaN, not a number near chance.
+  return jnp.where(jnp.any(jnp.isnan(scores)), jnp.nan, auc)
 
 
 def roc_auc(scores: jax.Array, labels: jax.Array) -> jax.Array:
@@ -43,7 +45,7 @@ def roc_auc(scores: jax.Array, labels: jax.Array) -> jax.Array:
     labels: i32[N] in [0, K).
 
   Returns:
-    f32[]; NaN when a class has no positive or no negative example.
+    f32[]; NaN when a class has no positive or no negative example, or a score is NaN.
   """
   scores = jnp.asarray(scores, jnp.float32)
   if scores.ndim == 1:

@@ -136,8 +136,9 @@ def _svcca(x: jax.Array, y: jax.Array, keep_variance: jax.Array, epsilon: jax.Ar
 def _pwcca(x: jax.Array, y: jax.Array, epsilon: jax.Array) -> jax.Array:
   result = _cca(x, y, epsilon)
   # Weigh by the side with fewer neurons, whose K canonical variables span all of it (the
-  # google/svcca choice). Its code then builds y's canonical variables from acts1 when that side
-  # is y; here each side's variables come from, and are weighed against, its own neurons.
+  # google/svcca choice). As in Morcos et al., the weights are the whitened canonical variables'
+  # correlations with that side's own (centered) neurons; google/svcca's pwcca.py instead
+  # projects unwhitened activations, uncentered, and takes y's variables from acts1.
   if x.shape[1] <= y.shape[1]:
     variables, neurons = result.x_variables, x
   else:
@@ -190,7 +191,7 @@ def svcca(x: jax.Array, y: jax.Array, *, keep_variance: float = 0.99,
   """SVCCA: mean canonical correlation after reducing each side to its top singular directions.
 
   Each centered representation keeps the fewest leading singular directions that explain at least
-  ``keep_variance`` of its variance (google/svcca's tutorials use 0.99 or 0.98); the result is the
+  ``keep_variance`` of its variance (the SVCCA paper keeps 0.99); the result is the
   mean of the min(kept_x, kept_y) canonical correlations between the reduced representations.
 
   Args:

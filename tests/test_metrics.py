@@ -39,6 +39,12 @@ def test_auc_is_nan_for_a_class_without_positives():
   assert np.isnan(float(metrics.roc_auc(scores, jnp.zeros(4, jnp.int32))))
 
 
+def test_auc_of_nan_scores_is_nan_not_chance():
+  labels = jnp.asarray([0, 1, 0, 1])
+  assert np.isnan(float(metrics.roc_auc(jnp.full((4, 2), jnp.nan), labels)))
+  assert np.isnan(float(metrics.roc_auc(jnp.asarray([0.1, jnp.nan, 0.2, 0.9]), labels)))
+
+
 def test_two_column_logits_rank_like_probabilities():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 300)

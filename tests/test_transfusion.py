@@ -244,10 +244,13 @@ def test_similarity_and_report(small_run):
   assert result["layers"] == ["stem_norm", "block1", "block2", "block3"]
   assert tuple(config.similarity.methods) == ("svcca", "pwcca")
   for method in config.similarity.methods:
+    assert set(result[method]) == {"random_init_vs_trained", "transfer_init_vs_trained",
+                                   "transfer_vs_random", "random_vs_random", "chance"}
     for values in result[method].values():
       assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
   report = (workdir / "report.md").read_text()
   assert "| cbr_tiny | transfusion_k1 |" in report and "Do lower layers change less?" in report
+  assert "above chance" in report
   for name in ("convergence", "cca_by_layer", "conv1_filters"):
     assert (workdir / f"transfusion_{name}.png").stat().st_size > 0
   assert json.loads((workdir / "results.json").read_text())["steps"] == results["steps"]
