@@ -467,11 +467,13 @@ def representation_similarity(config: ml_collections.ConfigDict, spec: ModelSpec
       for key in jax.random.split(seed_key(config, "similarity")))
   result = {"layers": layers}
   for method in config.similarity.methods:
-    result[method] = {
-        pair: list(similarity.layerwise_similarity(
-            a, b, method, keep_variance=config.similarity.keep_variance,
-            max_datapoints=config.similarity.max_datapoints).values())
-        for pair, (a, b) in pairs.items()}
+    result[method] = {}
+    for pair, (a, b) in pairs.items():
+      by_layer = similarity.layerwise_similarity(
+          a, b, method, keep_variance=config.similarity.keep_variance,
+          max_datapoints=config.similarity.max_datapoints)
+      # By name: the jitted outputs' dicts come back in sorted key order, not forward order.
+      result[method][pair] = [by_layer[layer] for layer in layers]
   return result
 
 

@@ -248,6 +248,9 @@ def test_similarity_and_report(small_run):
                                    "transfer_vs_random", "random_vs_random", "chance"}
     for values in result[method].values():
       assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values)
+    # Values follow the layers, lowest first: the stem's output, with the most datapoints per
+    # neuron, has the lowest chance level.
+    assert result[method]["chance"][0] == min(result[method]["chance"])
   report = (workdir / "report.md").read_text()
   assert "| cbr_tiny | transfusion_k1 |" in report and "Do lower layers change less?" in report
   assert "above chance" in report
