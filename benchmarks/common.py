@@ -117,8 +117,3 @@ def json_writer(out: str | pathlib.Path) -> Callable[[dict[str, Any]], None]:
 def impl_suffix(conv_impl: str) -> str:
   """A printed label's suffix for a model's ``conv_impl``: "" for XLA's, else "+im2col"."""
   return "" if conv_impl == "xla" else f"+{conv_impl}"
-
-
-def error_line(error: Exception) -> str:
-  """The first line of ``error``'s message (its type's name when empty), for a failed row."""
-  return (str(error).strip().splitlines() or [type(error).__name__])[0]

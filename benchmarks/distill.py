@@ -50,7 +50,7 @@ from jaxtickets import compiled, population
 from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
 from jaxtickets.distill import augment_models, evaluate, matching, methods, synthetic
-from jaxtickets.errors import UserError, exit_on_user_error
+from jaxtickets.errors import UserError, exit_on_user_error, first_line
 from jaxtickets.models import get_model
 
 NUM_CLASSES = 10
@@ -354,8 +354,8 @@ def _attempt(measure: Callable[[], dict[str, Any]], identity: dict[str, Any],
   try:
     return measure()
   except jax.errors.JaxRuntimeError as error:
-    print(f"{row}  failed: {common.error_line(error)}", flush=True)
-    return {**identity, "error": common.error_line(error)}
+    print(f"{row}  failed: {first_line(error)}", flush=True)
+    return {**identity, "error": first_line(error)}
 
 
 def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any]], None],

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from benchmarks import common
 from jaxtickets import population
 from jaxtickets import train as train_lib
-from jaxtickets.errors import UserError, exit_on_user_error
+from jaxtickets.errors import UserError, exit_on_user_error, first_line
 from jaxtickets.models import get_model
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -153,7 +153,7 @@ def time_strategies(model_name: str, dtype: str, num_members: int, data: train_l
   except jax.errors.JaxRuntimeError as error:  # Out of device memory, typically.
     for strategy, chunk_size, impl in strategies:
       yield Result(model_name, dtype, num_members, strategy, chunk_size, batch_size, None, None,
-                   common.error_line(error), impl)
+                   first_line(error), impl)
     return
   for strategy, chunk_size, impl in strategies:
     result = functools.partial(Result, model_name, dtype, num_members, strategy, chunk_size,
@@ -171,7 +171,7 @@ def time_strategies(model_name: str, dtype: str, num_members: int, data: train_l
       train_steps = jax.jit(train_lib.repeat(population_step, settings.steps_per_call))
       seconds = common.median_seconds(lambda: train_steps(*inputs), settings.timings)
     except jax.errors.JaxRuntimeError as error:
-      yield result(images_per_s=None, step_ms=None, error=common.error_line(error))
+      yield result(images_per_s=None, step_ms=None, error=first_line(error))
       continue
     images = num_members * batch_size * settings.steps_per_call
     yield result(images_per_s=images / seconds, step_ms=1e3 * seconds / settings.steps_per_call)

@@ -22,7 +22,8 @@ _MAX_SEED = 2**32 - 1
 
 def check_seed(name: str, seed: Any) -> None:
   """Raises a UserError naming ``name`` unless ``seed`` is an int in [0, 2**32)."""
-  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+  errors.check_int(name, seed, 0)
+  if seed > _MAX_SEED:
     raise UserError(f"{name}={seed!r}; expected an int in [0, {_MAX_SEED}]")
 
 
@@ -55,6 +56,10 @@ def check_optimizer(config: ml_collections.ConfigDict, prefix: str = "", *,
       or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
       or list(milestones) != sorted(milestones)):
     raise UserError(f"{prefix}milestones={milestones!r}; expected ascending epochs (ints >= 1)")
+  _check_schedule_name(config, prefix)
+
+
+def _check_schedule_name(config: ml_collections.ConfigDict, prefix: str = "") -> None:
   if config.schedule not in SCHEDULES:
     raise UserError(f"unknown {prefix}schedule {config.schedule!r}; known: "
                     f"{', '.join(SCHEDULES)}")
@@ -84,14 +89,13 @@ def augment(config: ml_collections.ConfigDict) -> train_lib.Augment | None:
 
 
 def schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  _check_schedule_name(config)
   if config.schedule == "cosine":
     return train_lib.cosine_schedule(config.learning_rate, config.epochs * steps_per_epoch)
   if config.schedule == "multistep":
     return train_lib.multistep_schedule(config.learning_rate, steps_per_epoch, config.milestones,
                                         config.gamma)
-  if config.schedule == "constant":
-    return optax.constant_schedule(config.learning_rate)
-  raise UserError(f"unknown schedule {config.schedule!r}; known: {', '.join(SCHEDULES)}")
+  return optax.constant_schedule(config.learning_rate)
 
 
 def optimizer(config: ml_collections.ConfigDict,

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxtickets import files, paths
-from jaxtickets.errors import UserError
+from jaxtickets.errors import UserError, first_line
 
 PyTree = Any
 
@@ -121,9 +121,9 @@ class Checkpointer:
     try:
       yield
     except Exception as error:  # noqa: BLE001
-      first_line = (str(error).strip().splitlines() or [""])[0][:200]
       raise UserError(f"checkpoint {self.directory}/{step} cannot be read "
-                      f"({type(error).__name__}: {first_line}); use a new --workdir") from None
+                      f"({type(error).__name__}: {first_line(error)[:200]}); use a new "
+                      "--workdir") from None
 
   def close(self) -> None:
     """Releases orbax's background resources."""

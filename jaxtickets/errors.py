@@ -15,6 +15,12 @@ class UserError(ValueError):
   """Bad input from a user: unknown names, wrong shapes, unprepared data, mismatched checkpoints."""
 
 
+def first_line(error: BaseException) -> str:
+  """The first line of ``error``'s message (its type's name when empty), for one-line reports
+  of errors raised by other libraries."""
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def check_int(name: str, value: Any, minimum: int = 1) -> None:
   """Raises UserError naming ``name`` unless ``value`` is an int (not a bool) >= ``minimum``."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
