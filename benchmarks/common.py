@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxtickets import data as data_lib
+from jaxtickets import errors
 from jaxtickets.errors import UserError
 
 
@@ -82,7 +83,7 @@ def parse_args(description: str, default_out: str, argv: Sequence[str] | None = 
                extra: Callable[[argparse.ArgumentParser], None] | None = None,
                ) -> argparse.Namespace:
   """``--quick`` and ``--out`` (plus what ``extra`` adds), parsed from ``argv``."""
-  parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+  parser = errors.ArgumentParser(description=description.strip().splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes, to check on a CPU that it runs (under 2 minutes)")
   parser.add_argument("--out", default=default_out, help="where the JSON report goes")

@@ -58,9 +58,9 @@ def seed_key(config: ml_collections.ConfigDict, purpose: str, *indices: int) -> 
 
 
 def _check_names(name: str, values: Any, known: Sequence[str]) -> None:
-  if isinstance(values, str) or not len(values) or len(set(values)) != len(values) or (
+  if not isinstance(values, (list, tuple)) or not values or len(set(values)) != len(values) or (
       set(values) - set(known)):
-    raise UserError(f"{name}={tuple(values) if not isinstance(values, str) else values!r}; "
+    raise UserError(f"{name}={values!r}; "
                     f"expected distinct names among {', '.join(known)}")
 
 
@@ -84,7 +84,8 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   errors.check_int("eval_every_epochs", config.eval_every_epochs)
   transfer = config.transfer
   _check_names("transfer.variants", transfer.variants, aws.TRAINED_TRANSFERS)
-  if not len(transfer.seeds) or len(set(transfer.seeds)) != len(transfer.seeds):
+  if (not isinstance(transfer.seeds, (list, tuple)) or not transfer.seeds
+      or len(set(transfer.seeds)) != len(transfer.seeds)):
     raise UserError(f"transfer.seeds={transfer.seeds!r}; expected a non-empty sequence of "
                     f"distinct ints")
   for seed in transfer.seeds:

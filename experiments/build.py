@@ -29,15 +29,20 @@ def check_seed(name: str, seed: Any) -> None:
 
 def check_training(config: ml_collections.ConfigDict, prefix: str = "") -> None:
   """Raises a UserError naming the field for a bad value of a ``configs.common.training``
-  field (``prefix`` names a nested one, e.g. ``"source."``), before anything is loaded."""
+  field (``prefix`` names a nested one, e.g. ``"source."``), before anything is loaded.
+
+  A nested block may leave out ``model``, ``model_options`` and ``seed`` (its study's are used).
+  """
   for name in ("dataset", "model"):
-    if not isinstance(config[name], str):
+    if name in config and not isinstance(config[name], str):
       raise UserError(f"{prefix}{name}={config[name]!r}; expected a name")
-  if not isinstance(config.model_options, ml_collections.ConfigDict):
+  if "model_options" in config and not isinstance(config.model_options,
+                                                  ml_collections.ConfigDict):
     raise UserError(f"{prefix}model_options={config.model_options!r}; expected keyword options "
                     f"(--set {prefix}model_options.KEY=VALUE)")
   errors.check_int(f"{prefix}batch_size", config.batch_size)
-  check_seed(f"{prefix}seed", config.seed)
+  if "seed" in config:
+    check_seed(f"{prefix}seed", config.seed)
   check_optimizer(config, prefix)
   augment(config)
 

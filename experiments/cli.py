@@ -6,7 +6,6 @@ a workdir the failed command created is removed again.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import os
 import shutil
@@ -17,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxtickets import errors
 from jaxtickets.errors import UserError, exit_on_user_error
 
 
@@ -38,8 +38,8 @@ OPEN_NODES = ("model_options",)
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
   """Applies ``key.sub=value`` strings to ``config`` in place.
 
-  Unknown keys and values of the wrong type are a UserError, except new keys inside an
-  :data:`OPEN_NODES` node.
+  Unknown keys, values of the wrong type and None for a switch are a UserError, except new keys
+  inside an :data:`OPEN_NODES` node.
   """
   for item in overrides:
     key, sep, value = item.partition("=")
@@ -55,8 +55,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     if not isinstance(node, ml_collections.ConfigDict) or (leaf not in node and not is_open):
       raise UserError(f"unknown config key {key!r}")
     field_type = node.get_type(leaf) if leaf in node else None
+    parsed = parse_value(value, field_type)
+    # ml_collections lets None into any field; a switch would then read as off.
+    if field_type is bool and parsed is None:
+      raise UserError(f"--set {item!r}: {key} expects True or False")
     try:
-      node[leaf] = parse_value(value, field_type)
+      node[leaf] = parsed
     except TypeError:
       raise UserError(f"--set {item!r}: {key} expects a value of type "
                       f"{field_type.__name__}") from None
@@ -72,7 +76,7 @@ def load_config(configs: ModuleType, preset: str | None,
 def main(run: Callable[[ml_collections.ConfigDict, str], Any], configs: ModuleType,
          argv: Sequence[str] | None = None) -> None:
   """Parses arguments, builds the config and calls ``run(config, workdir)``."""
-  parser = argparse.ArgumentParser(description=(sys.modules[run.__module__].__doc__ or "")
+  parser = errors.ArgumentParser(description=(sys.modules[run.__module__].__doc__ or "")
                                    .strip().splitlines()[0])
   parser.add_argument("--config", default=None,
                       help=f"preset name, one of: {', '.join(configs.PRESETS)}")

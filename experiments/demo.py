@@ -7,7 +7,6 @@ so re-running resumes instead of starting over.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import time
 
@@ -15,6 +14,7 @@ import jax
 
 from experiments import aws, dense, distill, rst, transfusion
 from jaxtickets import report as report_lib
+from jaxtickets import errors
 from jaxtickets.errors import exit_on_user_error
 
 # Each study module contributes ``demo_section(report, workdir)``, run in this order.
@@ -34,7 +34,7 @@ def run(workdir: str | pathlib.Path) -> pathlib.Path:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+  parser = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
   parser.add_argument("--workdir", default="runs/demo")
   args = parser.parse_args(argv)
   with exit_on_user_error():

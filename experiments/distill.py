@@ -36,7 +36,6 @@ from jaxtickets import data as data_lib
 from jaxtickets import report as report_lib
 from jaxtickets import train as train_lib
 from jaxtickets.distill import augment_models, dsa, evaluate, matching, methods, synthetic
-from jaxtickets.errors import UserError
 
 PyTree = Any
 # What each stream of randomness derived from the seed is for (see :func:`seed_key`).
@@ -74,7 +73,9 @@ def outer_iterations(config: ml_collections.ConfigDict, method: methods.Method) 
 
 def protocol_of(config: ml_collections.ConfigDict) -> evaluate.Protocol:
   settings = config.eval
-  strategy = settings.strategy if config.flip else _without_flip(settings.strategy)
+  strategy = settings.strategy
+  if not config.flip and isinstance(strategy, str):  # Otherwise the Protocol refuses it.
+    strategy = _without_flip(strategy)
   return evaluate.Protocol(
       num_nets=settings.num_nets, epochs=settings.epochs, batch_size=settings.batch_size,
       learning_rate=settings.learning_rate, momentum=settings.momentum,
@@ -89,8 +90,7 @@ def check_config(config: ml_collections.ConfigDict) -> methods.Method:
   build.check_population_options(config)
   for name in ("num_models", "pool_size", "checkpoint_every"):
     errors.check_int(name, config[name])
-  if not 0 < config.train_fraction <= 1:
-    raise UserError(f"train_fraction={config.train_fraction!r}; expected a value in (0, 1]")
+  errors.check_number("train_fraction", config.train_fraction, 0, 1, strict=True)
   outer_iterations(config, method)
   for field in ("model_map", "class_map"):
     if config[field] is not None:

@@ -66,6 +66,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   build.check_training(config)
   training_attack(config)
   rst.keep_ratio_array(config.keep_ratios)
+  data_lib.check_val_fraction("val_fraction", config.val_fraction)
   build.check_population_options(config)
   get_initializer(config.weight_init)
   evaluation = config.eval
@@ -73,6 +74,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                          pgd_steps=evaluation.pgd_steps, apgd_steps=evaluation.apgd_steps)
   for name in ("eot_samples", "every_epochs", "batch_size"):
     errors.check_int(f"eval.{name}", evaluation[name])
+  errors.check_sequence("eval.attacks", evaluation.attacks)
   unknown = sorted(set(evaluation.attacks) - set(COLUMNS[1:]))
   if unknown or "pgd" not in evaluation.attacks:
     raise UserError(f"eval.attacks={tuple(evaluation.attacks)!r}; expected names among "

@@ -81,6 +81,8 @@ class ModelSpec:
 
 def model_specs(config: ml_collections.ConfigDict) -> list[ModelSpec]:
   """The models of ``config.models`` with their widths and the shared ``model_options``."""
+  errors.check_sequence("models", config.models)
+  errors.check_sequence("widths", config.widths)
   names, widths = tuple(config.models), tuple(config.widths)
   if not names or len(names) != len(widths):
     raise UserError(f"models={names!r} and widths={widths!r}; expected one width (or None) per "
@@ -123,12 +125,17 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
   build.check_training(config)
   build.check_training(config.source, "source.")
   errors.check_int("source.eval_size", config.source.eval_size)
+  errors.check_number("source.train_fraction", config.source.train_fraction, 0, 1, strict=True)
+  data_lib.check_val_fraction("val_fraction", config.val_fraction)
   specs = model_specs(config)
   for field, allowed in (("arms", MAIN_ARMS), ("sweep_arms", SWEEP_ARMS)):
+    errors.check_sequence(field, config[field], nonempty=field == "arms")
     unknown = sorted(set(config[field]) - set(allowed))
     if unknown:
       raise UserError(f"{field}={tuple(config[field])!r}; unknown {unknown[0]!r}, known: "
                       f"{', '.join(allowed)}")
+  if "transfusion" in config.sweep_arms:
+    errors.check_sequence("transfusion_blocks", config.transfusion_blocks)
   if config.sweep_arms and config.model not in config.models:
     raise UserError(f"model={config.model!r} (the sweep model) is not among models="
                     f"{tuple(config.models)!r}")

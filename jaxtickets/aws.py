@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxtickets import paths, tickets
@@ -258,7 +259,7 @@ def rounds_for_densities(densities: Sequence[float], rounds: int,
       dense network), two densities nearest one round, or bad ``rounds``/``fraction``.
   """
   rounds, fraction = check_rounds(rounds), check_fraction(fraction)
-  if isinstance(densities, (str, numbers.Number)) or not len(densities):
+  if np.ndim(densities) != 1 or not len(densities):
     raise UserError(f"densities={densities!r}; expected a non-empty sequence in (0, 1]")
   chosen = []
   for density in densities:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,6 +70,29 @@ def _leaf_specs(tree: PyTree) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _is_closed_loop_error(unraisable: Any) -> bool:
+  return (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == "Event loop is closed")
+
+
+def _drop_aborted_read_callbacks() -> None:
+  """After a failed read orbax closes its event loop while tensorstore's reads of the other
+  arrays are still in flight; each one's completion callback then fails on the closed loop and
+  Python prints it as an unraisable exception, a traceback per array after our one-line error.
+  From the first read on, this process drops exactly those (an error no caller could catch;
+  every other unraisable exception reaches the previous hook)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_errors", False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    if not _is_closed_loop_error(unraisable):
+      previous(unraisable)
+
+  hook.drops_closed_loop_errors = True
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """Saves and restores pytrees (train states, populations, tickets) by step.
 
@@ -118,6 +142,8 @@ class Checkpointer:
   def _readable(self, step: int) -> Iterator[None]:
     """Turns orbax's failure to read a damaged checkpoint (any exception: its readers raise
     many kinds) into a one-line UserError."""
+    # Before the read: the callbacks can fail before orbax's exception reaches us.
+    _drop_aborted_read_callbacks()
     try:
       yield
     except Exception as error:  # noqa: BLE001

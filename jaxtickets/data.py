@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import numbers
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from jaxtickets import errors
 from jaxtickets.errors import UserError
 
 TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped", "mnist", "fashion_mnist")
@@ -447,6 +449,12 @@ def _stratified_sample(labels: np.ndarray, fraction: float, *, seed: int,
   return np.sort(np.concatenate([np.zeros(0, np.int64), *taken]))
 
 
+def check_val_fraction(name: str, fraction: Any) -> None:
+  """Raises UserError naming ``name`` unless ``fraction`` is a number in (0, 1)."""
+  if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
+    raise UserError(f"{name}={fraction!r}; expected a number in (0, 1)")
+
+
 def with_validation(ds: Dataset, fraction: float, *, seed: int = 0) -> Dataset:
   """Carves a stratified validation split out of the training split.
 
@@ -466,8 +474,7 @@ def with_validation(ds: Dataset, fraction: float, *, seed: int = 0) -> Dataset:
   Raises:
     UserError: fraction outside (0, 1).
   """
-  if not 0.0 < fraction < 1.0:
-    raise UserError(f"validation fraction={fraction!r}; expected a value in (0, 1)")
+  check_val_fraction("validation fraction", fraction)
   if ds.val is not None:
     return ds
   val_index = _stratified_sample(ds.train.labels, fraction, seed=seed, leave_per_class=1)
@@ -489,8 +496,7 @@ def subsample(split: Split, fraction: float, *, seed: int = 0) -> Split:
   Raises:
     UserError: fraction outside (0, 1].
   """
-  if not 0.0 < fraction <= 1.0:
-    raise UserError(f"subsample fraction={fraction!r}; expected a value in (0, 1]")
+  errors.check_number("subsample fraction", fraction, 0, 1, strict=True)
   return _take(split, _stratified_sample(split.labels, fraction, seed=seed))
 
 

@@ -4,6 +4,7 @@ Command-line runners catch :class:`UserError`, print its message on one line and
 status 2; library callers get an ordinary ``ValueError`` subclass they can catch.
 """
 
+import argparse
 import contextlib
 import numbers
 import sys
@@ -40,6 +41,13 @@ def check_number(name: str, value: Any, minimum: float, maximum: float | None = 
     raise UserError(f"{name}={value!r}; expected a number {expected}")
 
 
+def check_sequence(name: str, value: Any, *, nonempty: bool = True) -> None:
+  """Raises UserError naming ``name`` unless ``value`` is a list or tuple (non-empty, unless
+  ``nonempty`` is False); its entries are the caller's to check."""
+  if not isinstance(value, (list, tuple)) or (nonempty and not value):
+    raise UserError(f"{name}={value!r}; expected a {'non-empty ' if nonempty else ''}sequence")
+
+
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
   """Inside a command line's ``main``: a UserError prints ``error: ...`` on stderr, exits 2."""
@@ -48,3 +56,11 @@ def exit_on_user_error() -> Iterator[None]:
   except UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """``argparse.ArgumentParser`` whose usage errors (a missing or unknown flag) are one line on
+  stderr and exit 2, like a :class:`UserError`, instead of the usage text plus the error."""
+
+  def error(self, message: str):
+    self.exit(2, f"error: {message} (see --help)\n")

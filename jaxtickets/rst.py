@@ -572,7 +572,7 @@ def keep_ratio_array(keep_ratios: Sequence[float]) -> jax.Array:
   Raises:
     UserError: empty, or a ratio outside (0, 1].
   """
-  if isinstance(keep_ratios, (int, float)) or not len(keep_ratios):
+  if np.ndim(keep_ratios) != 1 or not len(keep_ratios):
     raise UserError(f"keep_ratios={keep_ratios!r}; expected a non-empty sequence in (0, 1]")
   for ratio in keep_ratios:
     tickets.check_keep_ratio(ratio)

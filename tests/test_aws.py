@@ -392,6 +392,8 @@ def test_small_run_resumes_without_training_again(small_run):
     ("transfer.densities=(0.25, 0.26)", "are both nearest round 2"),
     ("lmc.batch_size=5000", "lmc.batch_size=5000 exceeds"),
     ("model_options.norm='none'", "AWS interpolates norm params"),
+    ("methods=None", "methods=None"), ("transfer.seeds=None", "transfer.seeds=None"),
+    ("transfer.densities=None", "densities=None"), ("transfer.dense=None", "True or False"),
 ])
 def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)

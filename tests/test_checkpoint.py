@@ -1,6 +1,8 @@
 """Checkpoint round trips and the refusal to mix runs of different configs."""
 
 import json
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +54,21 @@ def test_a_damaged_checkpoint_is_a_user_error(tmp_path, damaged):
   with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
     assert_one_line_user_error(lambda: ckpt.restore(_tree()), "cannot be read",
                                "use a new --workdir")
+
+
+def test_reads_silence_only_the_closed_loop_callbacks_of_an_aborted_restore(tmp_path,
+                                                                            monkeypatch):
+  # A failed read leaves tensorstore callbacks that hit orbax's closed event loop; Python
+  # reports them through sys.unraisablehook (a traceback each under the one-line error).
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", seen.append)
+  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+    ckpt.save(1, _tree())
+    ckpt.restore(_tree())
+  closed, other = RuntimeError("Event loop is closed"), RuntimeError("something else")
+  for error in (closed, other):
+    sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+  assert [item.exc_value for item in seen] == [other]
 
 
 def test_restore_without_checkpoint_is_a_user_error(tmp_path):

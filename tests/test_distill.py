@@ -426,7 +426,9 @@ def test_cli_small_run_saves_the_set_and_resumes(tmp_path):
     ("method_overrides.image_lr=-0.1", "image_lr=-0.1"),
     ("method_overrides.net_unit='epoch'", "net_unit 'epoch'"),
     ("normalization=cifar10_common", "digits images have 1"),
-    ("chunk_size=2", "chunk_size=2 applies to strategy 'map'")])
+    ("chunk_size=2", "chunk_size=2 applies to strategy 'map'"),
+    ("eval.strategy=None", "DSA strategy None"), ("train_fraction=None", "train_fraction=None"),
+    ("flip=None", "flip expects True or False")])
 def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
 

@@ -247,6 +247,18 @@ def test_unknown_preset_and_key_are_user_errors(tmp_path):
     assert result.returncode == 2 and result.stderr.startswith("error:")
 
 
+@pytest.mark.parametrize("arguments, fragment", [
+    (["--config", "small"], "required: --workdir"),
+    (["--workdir", "w", "--sett", "epochs=1"], "unrecognized arguments: --sett"),
+])
+def test_usage_errors_are_one_line_exit_2(arguments, fragment, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    dense.main(arguments)
+  error = capsys.readouterr().err
+  assert exit_info.value.code == 2 and error.count("\n") == 1
+  assert error.startswith("error: ") and fragment in error
+
+
 def test_overrides_may_add_model_options_but_no_other_keys():
   config = dense_configs.get_config("small")
   assert "depth" not in config.model_options

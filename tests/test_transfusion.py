@@ -280,6 +280,14 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
     ("similarity.methods=('cka',)", "similarity.methods=('cka',)"),
     ("similarity.keep_variance=0", "similarity.keep_variance=0"),
     ("target_classes=('a', 'b')", "expected a sequence of int labels"),
+    # The source is pretrained with the study's models and seed; it has no fields of its own.
+    ("source.model='resnet18'", "unknown config key 'source.model'"),
+    ("source.seed=1", "unknown config key 'source.seed'"),
+    ("source.epochs=0", "source.epochs=0"),
+    ("models=None", "models=None"), ("arms=None", "arms=None"),
+    ("sweep_arms=None", "sweep_arms=None"), ("transfusion_blocks=None", "transfusion_blocks"),
+    ("source.train_fraction=None", "source.train_fraction=None"),
+    ("val_fraction=1", "val_fraction=1"),
 ])
 def test_cli_exits_2_on_bad_config(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)

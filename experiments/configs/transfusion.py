@@ -66,6 +66,10 @@ def _source(digits: bool = False) -> ml_collections.ConfigDict:
     s = common.training(dataset="digits", image_size=16, batch_size=64, epochs=10,
                         learning_rate=0.05, schedule="cosine")
     s.classes = _DIGITS_SOURCE_CLASSES
+  # The models, their options and dtype, and the seed are the study's (``models``, ``seed``):
+  # fields here that nothing read would let ``--set source.model=...`` pass and do nothing.
+  for name in ("model", "model_options", "dtype", "seed"):
+    del s[name]
   s.train_fraction = 1.0  # Stratified share of the source training split used to pretrain.
   s.eval_size = 2000  # Test examples scored after pretraining (the first ones).
   # A folder with one pretrained checkpoint per model name (a previous run's pretrain/), used
