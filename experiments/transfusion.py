@@ -15,8 +15,8 @@ each stage resumable in its own subdirectory of the workdir:
    trained-from-random against two random seeds.
 
 ``results.json`` and ``report.md`` (AUC table, convergence curves, CCA by layer, first-layer
-filters, the paper's three findings with numbers) go into the workdir; :func:`demo_section` adds
-the same section to the demo.
+filters, the paper's findings, each confirmed or not with its numbers) go into the workdir;
+:func:`demo_section` adds the same section to the demo.
 """
 
 from __future__ import annotations
@@ -653,7 +653,8 @@ def _auc_gain(results: dict[str, Any], model: str, regime: str, arm: str) -> flo
 
 
 def findings(results: dict[str, Any]) -> str:
-  """The paper's three findings, confirmed or not, read off ``results``."""
+  """The paper's findings on final AUC, convergence and how much each layer and model changes,
+  confirmed or not, read off ``results``."""
   lines = []
   gains = []
   for model, model_results in results["models"].items():
@@ -681,7 +682,7 @@ def findings(results: dict[str, Any]) -> str:
                  f"reaches {results['convergence_fraction']:.0%} of random init's final one, "
                  f"full data, measured every {results['eval_every_steps']} steps): "
                  + "; ".join(speedups) + ".")
-  changes = []
+  changes, by_size = [], []
   method = similarity_method(results)
   for model, result in results["similarity"].items():
     if result is None:
@@ -698,10 +699,20 @@ def findings(results: dict[str, Any]) -> str:
     changes.append(f"{model}: {listed} (random init, seed 0, above chance: lower half "
                    f"{lower:.3f} vs upper half {upper:.3f}, "
                    f"{'confirmed' if lower > upper else 'NOT confirmed'})")
+    by_size.append((results["models"][model]["num_params"], model, above.mean()))
   if changes:
     lines.append(f"- **Do lower layers change less?** {method.upper()} of each unit (lowest "
                  "first) before vs after training (higher = changed less; chance: independent "
                  "noise of the unit's shape): " + " | ".join(changes) + ".")
+  if len(by_size) > 1:
+    by_size.sort()
+    means = [mean for _, _, mean in by_size]
+    confirmed = all(smaller < larger for smaller, larger in zip(means, means[1:]))
+    lines.append("- **Do larger models change less?** Mean over units of the similarity above "
+                 "chance (random init, seed 0), smallest model first: "
+                 + ", ".join(f"{model} ({size:,} params) {mean:.3f}"
+                             for size, model, mean in by_size)
+                 + f": {'confirmed' if confirmed else 'NOT confirmed'}.")
   return "\n".join(lines)
 
 

@@ -323,3 +323,23 @@ def test_cli_exits_2_on_a_pretrained_checkpoint_of_another_architecture(
   assert_cli_user_error(runner.main, [
       "--config", "small", "--set", "models=('cbr_small',)", "--set", "model=cbr_small",
       "--set", f"source.checkpoint_dir={given}"], "is not a cbr_small")
+
+
+@pytest.mark.parametrize("large_similarity, verdict", [(0.9, "confirmed"),
+                                                       (0.5, "NOT confirmed")])
+def test_findings_judge_whether_larger_models_change_less(large_similarity, verdict):
+  def model(num_params, similarity):
+    curves = {"random_init_vs_trained": [similarity + 0.1, similarity - 0.1],
+              "transfer_init_vs_trained": [0.5, 0.5], "chance": [0.2, 0.2]}
+    return ({"num_params": num_params, "regimes": {"full": {"arms": {}}}},
+            {"layers": ["stem", "block1"], "svcca": curves})
+
+  # Listed largest first: the verdict must order the models by size, not by name or position.
+  models = {"large": model(2_000_000, large_similarity), "small": model(50_000, 0.6)}
+  results = {"models": {name: info for name, (info, _) in models.items()},
+             "similarity": {name: curves for name, (_, curves) in models.items()},
+             "convergence_fraction": 0.9, "eval_every_steps": 10}
+  line = runner.findings(results).splitlines()[-1]
+  assert line.startswith("- **Do larger models change less?**")
+  assert line.index("small (50,000 params) 0.400") < line.index("large (2,000,000 params)")
+  assert line.endswith(f": {verdict}.")
