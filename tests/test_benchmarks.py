@@ -1,0 +1,39 @@
+"""The benchmark scripts import and refuse bad arguments up front (one line, exit 2).
+
+Their measurements are the GPU's to make (``benchmarks/RESULTS.md``); these checks keep a device
+call, a few minutes long, from being spent on a script that no longer imports or parses.
+"""
+
+import importlib
+
+import pytest
+
+BENCHMARKS = ("aws", "cpu_loops", "distill", "population", "rst_step")
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_a_folder_as_out_is_refused_before_anything_runs(name, tmp_path, capsys):
+  module = importlib.import_module(f"benchmarks.{name}")
+  with pytest.raises(SystemExit) as exit_info:
+    module.main(["--quick", "--out", str(tmp_path)])
+  error = capsys.readouterr().err
+  assert exit_info.value.code == 2 and error.count("\n") == 1
+  assert error.startswith(f"error: --out {tmp_path} is a directory")
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    (["--parts", "outer,nope"], "--parts"),
+    (["--outer", "1/vmap"], "outer variant '1/vmap'"),
+    (["--outer", "0/vmap/unroll/bfloat16/32"], "outer variant"),
+    (["--evaluation", "bfloat16/32/cudnn"], "unknown conv_impl 'cudnn'"),
+    (["--evaluation", "bfloat16"], "evaluation variant 'bfloat16'"),
+    (["--dataset"], "expected one argument"),
+])
+def test_distill_benchmark_variants_are_checked_up_front(arguments, fragment, tmp_path, capsys):
+  from benchmarks import distill
+  out = tmp_path / "report.json"
+  with pytest.raises(SystemExit) as exit_info:
+    distill.main(["--quick", *arguments, "--out", str(out)])
+  error = capsys.readouterr().err
+  assert exit_info.value.code == 2 and error.count("\n") == 1 and fragment in error
+  assert not out.exists()
