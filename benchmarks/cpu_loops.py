@@ -31,7 +31,7 @@ from benchmarks import common
 from jaxtickets import compiled, population
 from jaxtickets import train as train_lib
 from jaxtickets.errors import exit_on_user_error
-from jaxtickets.models import get_model
+from jaxtickets.models import conv, get_model
 
 NUM_CLASSES = 10
 MEAN, STD = (0.5,) * 3, (0.2887,) * 3  # uniform pixels on [0, 1]
@@ -87,6 +87,14 @@ def _time(settings: Settings, fn: Callable, args: Sequence[Any], steps: int) -> 
           "noncanonical_convolutions": len(compiled.noncanonical_convolutions(program))}
 
 
+def swapped_convolution(replacement: Callable | None) -> contextlib.AbstractContextManager:
+  """Inside it, models built with the default ``conv_impl`` ("xla") convolve with
+  ``replacement`` (None: unchanged)."""
+  if replacement is None:
+    return contextlib.nullcontext()
+  return mock.patch.dict(conv.CONV_IMPLS, {"xla": replacement})
+
+
 def run_benchmark(settings: Settings, save: Callable[[dict[str, Any]], None]) -> None:
   report = {"settings": dataclasses.asdict(settings), "device": str(jax.devices()[0]),
             "jax": jax.__version__, "results": []}
@@ -95,8 +103,7 @@ def run_benchmark(settings: Settings, save: Callable[[dict[str, Any]], None]) ->
   for spec in settings.models:
     name, width = spec.split(":")
     for convolution, replacement in CONVOLUTIONS.items():
-      with (mock.patch("jaxtickets.models.layers.conv_general_dilated", replacement)
-            if replacement else contextlib.nullcontext()):
+      with swapped_convolution(replacement):
         for label, (fn, args) in _programs(settings, name, int(width)).items():
           steps = settings.scan_steps if "scan" in label else 1
           row = {"model": spec, "program": label, "convolution": convolution,

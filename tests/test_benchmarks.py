@@ -37,3 +37,25 @@ def test_distill_benchmark_variants_are_checked_up_front(arguments, fragment, tm
   error = capsys.readouterr().err
   assert exit_info.value.code == 2 and error.count("\n") == 1 and fragment in error
   assert not out.exists()
+
+
+def test_cpu_loops_swaps_the_convolution_of_models_built_inside():
+  import jax
+  from benchmarks import cpu_loops
+  from jaxtickets import models, train
+
+  calls = []
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs.get("window_strides"))
+    return jax.lax.conv_general_dilated(*args, **kwargs)
+
+  def init():
+    model = models.get_model("convnet3", num_classes=10, width=4)
+    train.init_variables(jax.random.PRNGKey(0), model, (8, 8, 3))
+
+  with cpu_loops.swapped_convolution(spy):
+    init()
+  assert len(calls) == 3  # ConvNet-3's three convolutions
+  init()
+  assert len(calls) == 3
