@@ -300,6 +300,8 @@ def init_state(key: jax.Array, images: np.ndarray | jax.Array,
 def sample_real(key: jax.Array, data: DistillData, batch_size: int) -> jax.Array:
   """u8[K, batch_size, H, W, C]: per class, ``batch_size`` distinct random real images.
 
+  Each call draws afresh; IDC's class sampler walks a per-class shuffle (no image repeats
+  within a pass over the class), which differs only in how often an image can recur.
   ``batch_size`` must not exceed the smallest class (see :func:`real_batch_size`).
   """
   num_classes, max_count = data.class_index.shape

@@ -82,6 +82,9 @@ def init_images(seed: int, images: np.ndarray, labels: np.ndarray, num_classes: 
                 images_per_class: int, *, factor: int = 1, init: str = "noise") -> np.ndarray:
   """The initial stored images.
 
+  "real" and "mix" draw each class's images at random; IDC's code takes the class's first ones
+  in dataset order (``class_sample(c, ipc)``), an arbitrary order that no seed varies.
+
   Args:
     seed: NumPy seed of the draw.
     images: u8[N, H, W, C] real training images.
