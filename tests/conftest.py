@@ -1,7 +1,10 @@
 """Test-wide settings.
 
 Four host "devices" let the sharded population strategy run on a CPU-only machine; the flag has
-to be set before JAX is first imported.
+to be set before JAX is first imported. Compiled programs go to JAX's persistent compilation
+cache (in pytest's cache folder, or ``$JAX_COMPILATION_CACHE_DIR``): many tests compile the same
+programs again (a study's resumed run, its command-line subprocesses, each xdist worker), and
+XLA:CPU takes seconds for each. Entries are keyed by the program, the backend and JAX's version.
 """
 
 import os
@@ -10,9 +13,16 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from jaxtickets import data  # noqa: E402
+
+
+def pytest_configure(config):
+  # Set in the environment too, so that the command-line runs in subprocesses share it.
+  directory = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(config.cache.mkdir("xla")))
+  jax.config.update("jax_compilation_cache_dir", directory)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Dataset distillation (Acc-DD and baselines) on the sklearn digits: library pieces and runner."""
 
+import functools
 import json
 
 import jax
@@ -316,14 +317,14 @@ def test_matching_over_models_and_classes_equals_single_losses_for_every_map(dig
     np.testing.assert_allclose(losses, singles, rtol=2e-4, err_msg=name)
     for maps in ({"model_map": "unroll", "class_map": "vmap"},
                  {"model_map": "map", "class_map": "map"}):
-      loss = matching.matching_loss(objective, nets.params, {}, real_x, real_y, syn_x, syn_y,
-                                    **maps)
+      loss = jax.jit(functools.partial(matching.matching_loss, objective, **maps))(
+          nets.params, {}, real_x, real_y, syn_x, syn_y)
       np.testing.assert_allclose(loss, np.sum(singles) / num_models, rtol=2e-4,
                                  err_msg=f"{name} {maps}")
     assert np.min(singles) > 0
   # The gradient reaches the synthetic images of each class from its own loss only.
-  grad = jax.grad(lambda sx: matching.matching_loss(objectives["mse"], nets.params, {}, real_x,
-                                                    real_y, sx, syn_y))(syn_x)
+  grad = jax.jit(jax.grad(lambda sx: matching.matching_loss(objectives["mse"], nets.params, {},
+                                                            real_x, real_y, sx, syn_y)))(syn_x)
   assert np.all(np.abs(np.asarray(grad)).sum(axis=(0, 2, 3, 4, 5)) > 0)
 
 
