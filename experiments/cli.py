@@ -77,7 +77,7 @@ def main(run: Callable[[ml_collections.ConfigDict, str], Any], configs: ModuleTy
          argv: Sequence[str] | None = None) -> None:
   """Parses arguments, builds the config and calls ``run(config, workdir)``."""
   parser = errors.ArgumentParser(description=(sys.modules[run.__module__].__doc__ or "")
-                                   .strip().splitlines()[0])
+                                 .strip().splitlines()[0])
   parser.add_argument("--config", default=None,
                       help=f"preset name, one of: {', '.join(configs.PRESETS)}")
   parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
