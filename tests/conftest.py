@@ -4,7 +4,8 @@ Four host "devices" let the sharded population strategy run on a CPU-only machin
 to be set before JAX is first imported. Compiled programs go to JAX's persistent compilation
 cache (in pytest's cache folder, or ``$JAX_COMPILATION_CACHE_DIR``): many tests compile the same
 programs again (a study's resumed run, its command-line subprocesses, each xdist worker), and
-XLA:CPU takes seconds for each. Entries are keyed by the program, the backend and JAX's version.
+XLA:CPU takes seconds for each. Entries are keyed by the program, the backend and JAX's version;
+the folder grows by ~25 MB per suite of changed programs (delete ``.pytest_cache`` to empty it).
 """
 
 import os
