@@ -58,10 +58,9 @@ def seed_key(config: ml_collections.ConfigDict, purpose: str, *indices: int) -> 
 
 
 def _check_names(name: str, values: Any, known: Sequence[str]) -> None:
-  if not isinstance(values, (list, tuple)) or not values or len(set(values)) != len(values) or (
-      set(values) - set(known)):
-    raise UserError(f"{name}={values!r}; "
-                    f"expected distinct names among {', '.join(known)}")
+  errors.check_sequence(name, values)
+  if len(set(values)) != len(values) or set(values) - set(known):
+    raise UserError(f"{name}={values!r}; expected distinct names among {', '.join(known)}")
 
 
 def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -84,8 +83,8 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   errors.check_int("eval_every_epochs", config.eval_every_epochs)
   transfer = config.transfer
   _check_names("transfer.variants", transfer.variants, aws.TRAINED_TRANSFERS)
-  if (not isinstance(transfer.seeds, (list, tuple)) or not transfer.seeds
-      or len(set(transfer.seeds)) != len(transfer.seeds)):
+  errors.check_sequence("transfer.seeds", transfer.seeds)
+  if len(set(transfer.seeds)) != len(transfer.seeds):
     raise UserError(f"transfer.seeds={transfer.seeds!r}; expected a non-empty sequence of "
                     f"distinct ints")
   for seed in transfer.seeds:
