@@ -37,8 +37,9 @@ Deviations from the paper (Raghu et al. 2019):
   training split only.
 - Similarity: every SVCCA/PWCCA curve is shown with its chance level (independent noise of the
   unit's shape): the probe's few datapoints per neuron put unrelated representations well above
-  0 in late units. "Lower layers change less" is judged above that level, for random init and
-  seed 0 only; "larger models change less" is left to the reader of the figure.
+  0 in late units. "Lower layers change less" and "larger models change less" (mean over units,
+  models ordered by parameter count) are judged above that level, for random init and seed 0
+  only.
 """
 
 import ml_collections
