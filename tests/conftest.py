@@ -2,10 +2,11 @@
 
 Four host "devices" let the sharded population strategy run on a CPU-only machine; the flag has
 to be set before JAX is first imported. Compiled programs go to JAX's persistent compilation
-cache (in pytest's cache folder, or ``$JAX_COMPILATION_CACHE_DIR``): many tests compile the same
-programs again (a study's resumed run, its command-line subprocesses, each xdist worker), and
-XLA:CPU takes seconds for each. Entries are keyed by the program, the backend and JAX's version;
-the folder grows by ~25 MB per suite of changed programs (delete ``.pytest_cache`` to empty it).
+cache (in pytest's cache folder, or ``$JAX_COMPILATION_CACHE_DIR``; none under ``-p
+no:cacheprovider`` without it): many tests compile the same programs again (a study's resumed
+run, its command-line subprocesses, each xdist worker), and XLA:CPU takes seconds for each.
+Entries are keyed by the program, the backend and JAX's version; the folder grows by ~25 MB per
+suite of changed programs (delete ``.pytest_cache`` to empty it).
 """
 
 import os
@@ -21,9 +22,12 @@ from jaxtickets import data  # noqa: E402
 
 
 def pytest_configure(config):
-  # Set in the environment too, so that the command-line runs in subprocesses share it.
-  directory = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(config.cache.mkdir("xla")))
-  jax.config.update("jax_compilation_cache_dir", directory)
+  cache = getattr(config, "cache", None)  # None under ``-p no:cacheprovider``.
+  directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or (cache and str(cache.mkdir("xla")))
+  if directory:
+    # Set in the environment too, so that the command-line runs in subprocesses share it.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    jax.config.update("jax_compilation_cache_dir", directory)
 
 
 @pytest.fixture(scope="session")
