@@ -74,7 +74,9 @@ class Settings:
       which with XLA's convolutions makes the per-class weight gradients grouped convolutions;
       "unroll" runs them one by one, "map" loops); the nets' compute dtype; net SGD steps per
       inner iteration (0 times the matching alone); the model's ``conv_impl`` (default "xla";
-      "im2col" makes the batched convolutions batched matrix products).
+      "im2col" makes the batched convolutions batched matrix products); ``chunkC``: C outer
+      iterations per timed call with ``make_distill_step``'s ``trajectory_chunk`` (their nets
+      trained first as one population of C x M, then the matching steps in order).
     evaluation: the evaluation variants to time, each ``dtype/N[/conv_impl]``: the nets'
       compute dtype (params stay float32), the population size N, and the model's
       ``conv_impl`` (default "xla", run by the measured default strategy; "im2col" is run by
@@ -110,39 +112,52 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(image_size=16, width=8, inner_iterations=2, timed_inner_iterations=2,
-                 outer=("1/unroll/unroll/float32/1", "2/vmap/vmap/float32/1/im2col"),
+                 outer=("1/unroll/unroll/float32/1", "2/vmap/vmap/float32/1/im2col",
+                        "1/unroll/unroll/float32/1/chunk2"),
                  evaluation=("float32/1", "float32/2", "float32/2/im2col"), eval_steps=2,
                  num_examples=512, timings=2, torch_steps=3, torch_nets=2,
                  precision_dataset="digits", precision_dtypes=("float32",), precision_epochs=2)
 
 
 class OuterVariant(NamedTuple):
-  """One timed outer-iteration setting (``M/model_map/class_map/dtype/net_steps[/conv_impl]``;
-  see ``Settings.outer``)."""
+  """One timed outer-iteration setting
+  (``M/model_map/class_map/dtype/net_steps[/conv_impl][/chunkC]``; see ``Settings.outer``)."""
   num_models: int
   model_map: str
   class_map: str
   dtype: str
   net_steps: int
   conv_impl: str = "xla"
+  trajectory_chunk: int | None = None
 
   @classmethod
   def parse(cls, text: str) -> OuterVariant:
     parts = text.split("/")
-    if (len(parts) not in (5, 6) or not parts[0].isdigit() or int(parts[0]) < 1
-        or not parts[4].isdigit()):
+    options: dict[str, Any] = {
+        ("trajectory_chunk" if part.startswith("chunk") else "conv_impl"): part
+        for part in parts[5:]}
+    chunk = options.get("trajectory_chunk", "chunk1")[len("chunk"):]
+    if (len(parts) - 5 not in (0, len(options)) or not parts[0].isdigit() or int(parts[0]) < 1
+        or not parts[4].isdigit() or not chunk.isdigit() or int(chunk) < 1):
       raise UserError(f"outer variant {text!r}: expected "
-                      "M/model_map/class_map/dtype/net_steps[/conv_impl] with M >= 1, "
-                      "e.g. 1/vmap/unroll/bfloat16/32 or 10/vmap/vmap/bfloat16/32/im2col")
-    variant = cls(int(parts[0]), parts[1], parts[2], parts[3], int(parts[4]), *parts[5:])
+                      "M/model_map/class_map/dtype/net_steps[/conv_impl][/chunkC] with M, C >= 1, "
+                      "e.g. 1/vmap/unroll/bfloat16/32, 10/vmap/vmap/bfloat16/32/im2col or "
+                      "1/vmap/unroll/bfloat16/32/chunk32")
+    if "trajectory_chunk" in options:
+      options["trajectory_chunk"] = int(chunk)
+    variant = cls(int(parts[0]), parts[1], parts[2], parts[3], int(parts[4]), **options)
     matching.check_map("model_map", variant.model_map)
     matching.check_map("class_map", variant.class_map)
+    if variant.trajectory_chunk:
+      methods.check_trajectory_chunk(
+          methods.get_method("acc_dd", IPC, net_steps=variant.net_steps), variant.trajectory_chunk)
     _check_model_options(variant.dtype, variant.conv_impl)
     return variant
 
 
 def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str, Any]:
-  """Seconds of one Acc-DD outer iteration (inner iterations as one compiled scan)."""
+  """Seconds of one Acc-DD outer iteration (inner iterations as one compiled scan, or a
+  ``trajectory_chunk`` of outer iterations as one call)."""
   image_shape = (settings.image_size, settings.image_size, 3)
   model = get_model("convnet3", num_classes=NUM_CLASSES, width=settings.width,
                     dtype=variant.dtype, conv_impl=variant.conv_impl)
@@ -157,15 +172,17 @@ def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str,
       method, model, mean=MEAN, std=STD, num_classes=NUM_CLASSES, image_shape=image_shape,
       images_per_class=IPC, num_models=variant.num_models,
       real_batch=methods.real_batch_size(method, real.labels, NUM_CLASSES),
-      net_optimizer=net_optimizer, model_map=variant.model_map, class_map=variant.class_map)
+      net_optimizer=net_optimizer, model_map=variant.model_map, class_map=variant.class_map,
+      trajectory_chunk=variant.trajectory_chunk)
   images = synthetic.init_images(0, real.images, real.labels, NUM_CLASSES, IPC,
                                  factor=method.factor, init=method.init)
   nets = augment_models.init_nets(jax.random.key(2), model, image_shape, variant.num_models,
                                   net_optimizer)
   holder = {"state": methods.init_state(jax.random.key(3), images,
                                         methods.image_optimizer(method, IPC, STD), nets)}
+  chunk = variant.trajectory_chunk
   outer, compile_s = common.compile_ahead(
-      train_lib.repeat(step, settings.timed_inner_iterations),
+      train_lib.repeat(step, 1 if chunk else settings.timed_inner_iterations),
       holder["state"], data)
 
   def call():
@@ -173,7 +190,8 @@ def time_outer_iteration(settings: Settings, variant: OuterVariant) -> dict[str,
     return metrics
 
   first, seconds = common.first_and_median_seconds(call, settings.timings)
-  seconds *= settings.inner_iterations / settings.timed_inner_iterations
+  seconds *= (1 / chunk if chunk
+              else settings.inner_iterations / settings.timed_inner_iterations)
   return {**variant._asdict(), "outer_iteration_s": seconds, "compile_s": compile_s,
           "first_call_s": first, "host_waits": compiled.host_waits(outer),
           "projected_s": seconds * settings.projected_outer / variant.num_models,
@@ -376,11 +394,13 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
   if variants:
     print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations; net_steps 0 "
           "times the matching alone):")
-    print(f"{'M':>3}  {'maps':<21}{'dtype':<10}{'net steps':>10}{'s/outer':>10}"
+    print(f"{'M':>3}  {'maps':<25}{'dtype':<10}{'net steps':>10}{'s/outer':>10}"
           f"{'compile s':>11}{'host waits':>12}{'projected':>22}")
   for variant in variants:
     maps = f"{variant.model_map}/{variant.class_map}" + common.impl_suffix(variant.conv_impl)
-    row = f"{variant.num_models:>3}  {maps:<21}{variant.dtype:<10}{variant.net_steps:>10}"
+    if variant.trajectory_chunk:
+      maps += f" chunk{variant.trajectory_chunk}"
+    row = f"{variant.num_models:>3}  {maps:<25}{variant.dtype:<10}{variant.net_steps:>10}"
     result = _attempt(functools.partial(time_outer_iteration, settings, variant),
                       variant._asdict(), row)
     report["outer_iteration"].append(result)
@@ -437,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "--dataset, default the shared CIFAR-10 npz)")
     parser.add_argument("--dataset", help="the precision part's dataset")
     parser.add_argument("--outer", help="comma-separated "
-                        "M/model_map/class_map/dtype/net_steps[/conv_impl] variants "
+                        "M/model_map/class_map/dtype/net_steps[/conv_impl][/chunkC] variants "
                         "(default: the settings')")
     parser.add_argument("--evaluation", help="comma-separated dtype/N[/conv_impl] variants")
 

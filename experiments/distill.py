@@ -4,8 +4,9 @@
 runs, each stage resumable in its own subdirectory of the workdir:
 
 1. ``pool/`` (Acc-DD only): the early-stage nets, pretrained on the real data as one population;
-2. ``distill/``: the distillation, one ``loop.fit`` step per inner iteration, the synthetic set
-   (and its optimizer and current nets) checkpointed every ``checkpoint_every`` outer iterations;
+2. ``distill/``: the distillation, one ``loop.fit`` step per inner iteration (or per
+   ``trajectory_chunk`` outer iterations), the synthetic set (and its optimizer and current nets)
+   checkpointed every ``checkpoint_every`` outer iterations;
 3. ``evaluate/``: N fresh nets trained on the decoded synthetic set as one population;
    ``evaluate_random/``: the same on IPC random real images per class (the baseline of the same
    size).
@@ -91,7 +92,14 @@ def check_config(config: ml_collections.ConfigDict) -> methods.Method:
   for name in ("num_models", "pool_size", "checkpoint_every"):
     errors.check_int(name, config[name])
   errors.check_number("train_fraction", config.train_fraction, 0, 1, strict=True)
-  outer_iterations(config, method)
+  outer = outer_iterations(config, method)
+  if config.trajectory_chunk is not None:
+    methods.check_trajectory_chunk(method, config.trajectory_chunk)
+    for name, count in (("outer iterations", outer),
+                        ("checkpoint_every", config.checkpoint_every)):
+      if count % config.trajectory_chunk:
+        raise errors.UserError(f"trajectory_chunk={config.trajectory_chunk} must divide the "
+                               f"{name} ({count})")
   for field in ("model_map", "class_map"):
     if config[field] is not None:
       matching.check_map(field, config[field])
@@ -145,7 +153,8 @@ def pretrain_pool(config: ml_collections.ConfigDict, method: methods.Method, mod
 def distill_program(config: ml_collections.ConfigDict, method: methods.Method, model: Any,
                     dataset: data_lib.Dataset, pool: PyTree
                     ) -> tuple[Callable, methods.DistillState, methods.DistillData]:
-  """The distillation's step (one inner iteration), initial state and device data."""
+  """The distillation's step (one inner iteration, or ``config.trajectory_chunk`` outer
+  iterations), initial state and device data."""
   num_classes = dataset.num_classes
   net_optimizer = train_lib.sgd(config.learning_rate, momentum=method.net_momentum,
                                 weight_decay=method.net_weight_decay)
@@ -158,7 +167,8 @@ def distill_program(config: ml_collections.ConfigDict, method: methods.Method, m
       real_batch=methods.real_batch_size(method, dataset.train.labels, num_classes),
       net_optimizer=net_optimizer, magnitude=config.perturb_magnitude,
       population_options=build.population_options(config, population.select(nets.params, 0)),
-      model_map=config.model_map, class_map=config.class_map)
+      model_map=config.model_map, class_map=config.class_map,
+      trajectory_chunk=config.trajectory_chunk)
   initial = synthetic.init_images(config.seed, dataset.train.images, dataset.train.labels,
                                   num_classes, config.ipc, factor=method.factor,
                                   init=method.init)
@@ -174,13 +184,15 @@ def distill(config: ml_collections.ConfigDict, method: methods.Method, model: An
   step, state, data = distill_program(config, method, model, dataset, pool)
   outer = outer_iterations(config, method)
   num_steps = outer * method.inner_iterations
+  chunk = config.trajectory_chunk
   state, records = loop.fit(step, state, data, num_steps=num_steps,
                             eval_every=config.checkpoint_every * method.inner_iterations,
                             workdir=workdir / "distill", progress=progress,
-                            description=f"{method.name} distillation")
+                            description=f"{method.name} distillation",
+                            step_size=chunk * method.inner_iterations if chunk else 1)
   images = np.asarray(synthetic.clamp(state.images))
   summary = {"outer_iterations": outer, "inner_iterations": method.inner_iterations,
-             "num_models": config.num_models,
+             "num_models": config.num_models, "trajectory_chunk": chunk,
              "model_steps": outer * method.inner_iterations * config.num_models,
              "image_updates": num_steps,
              "real_batch": methods.real_batch_size(method, dataset.train.labels,

@@ -36,7 +36,8 @@ def default_steps_per_call() -> int:
 def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_every: int,
         evaluate: Callable[[Any], Mapping[str, Any]] | None = None,
         workdir: str | pathlib.Path | None = None, steps_per_call: int | None = None,
-        progress: bool = True, description: str = "train") -> tuple[Any, list[dict[str, Any]]]:
+        progress: bool = True, description: str = "train",
+        step_size: int = 1) -> tuple[Any, list[dict[str, Any]]]:
   """Trains ``state`` for ``num_steps`` steps, resuming from ``workdir`` when it has a checkpoint.
 
   Every ``eval_every`` steps (and at the end) it evaluates, appends a record to
@@ -54,9 +55,13 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
     eval_every: steps between evaluations/checkpoints (usually one epoch).
     evaluate: ``state -> {name: value}`` for the log, or None.
     workdir: where metrics and checkpoints go; None keeps everything in memory.
-    steps_per_call: steps run by one compiled ``lax.scan`` (default: ``default_steps_per_call``).
+    steps_per_call: calls of ``step`` run by one compiled ``lax.scan`` (default:
+      ``default_steps_per_call``).
     progress: show a tqdm bar.
     description: the bar's label.
+    step_size: how far one call of ``step`` advances ``state.step`` (a step that runs several
+      iterations at once); ``num_steps``, ``eval_every`` and a restored ``state.step`` count
+      ``state.step`` and must be multiples of it.
 
   Returns:
     The final state and the list of logged records (``{"step", "seconds", "train_<metric>",
@@ -77,19 +82,22 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
   earlier_seconds = wall_seconds(records)
   compiled: dict[int, Callable] = {}
   current = _current_step(state)
+  if (num_steps % step_size or eval_every % step_size or current % step_size):
+    raise ValueError(f"num_steps {num_steps}, eval_every {eval_every} and the state's step "
+                     f"{current} must be multiples of step_size {step_size}")
   with tqdm(total=num_steps, initial=current, desc=description, disable=not progress,
             dynamic_ncols=True) as bar:
     while current < num_steps:
       interval_end = min(current + eval_every - current % eval_every, num_steps)
       chunks = []
       while current < interval_end:
-        length = min(steps_per_call, interval_end - current)
+        length = min(steps_per_call, (interval_end - current) // step_size)
         if length not in compiled:
           compiled[length] = jax.jit(train_lib.repeat(step, length))
         state, metrics = compiled[length](state, data)
         chunks.append(metrics)
-        current += length
-        bar.update(length)
+        current += length * step_size
+        bar.update(length * step_size)
       train_metrics = jax.tree_util.tree_map(lambda *m: np.concatenate(m), *jax.device_get(chunks))
       record = {f"train_{k}": v.mean(axis=0) for k, v in train_metrics.items()}
       if evaluate is not None:

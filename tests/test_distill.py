@@ -13,12 +13,12 @@ from experiments import build
 from experiments import distill as runner
 from experiments.configs import distill as distill_configs
 from jaxtickets import data as data_lib
-from jaxtickets import models, population
+from jaxtickets import compiled, models, population
 from jaxtickets import train as train_lib
 from jaxtickets.distill import (augment_models, dsa, evaluate, image_sgd, matching, methods,
                                 synthetic)
 
-from assertions import assert_fast_in_a_loop, assert_one_line_user_error
+from assertions import assert_fast_in_a_loop, assert_one_line_user_error, program_of
 
 KEY = jax.random.key(0)
 FULL = dsa.Strategy.parse("color_crop_cutout_flip_scale_rotate")
@@ -328,19 +328,28 @@ def test_matching_over_models_and_classes_equals_single_losses_for_every_map(dig
   assert np.all(np.abs(np.asarray(grad)).sum(axis=(0, 2, 3, 4, 5)) > 0)
 
 
-@pytest.mark.parametrize("method", ["dc", "acc_dd"])
-def test_distill_step_runs_fast_in_a_loop(method):
+def small_program(method, **config_fields):
+  """The ``small`` preset's distillation (step, state, data, config, method) for ``method``,
+  with an untrained pool (Acc-DD) and ``config_fields`` set."""
   config = distill_configs.get_config("small")
   config.method = method
+  for field, value in config_fields.items():
+    config[field] = value
   resolved = runner.check_config(config)
   dataset = runner.load_data(config)
   model = build.model(config, dataset.num_classes)
   pool = None
-  if resolved.models == "pool":  # Untrained: only its shapes matter to the compiler.
+  if resolved.models == "pool":
     nets = augment_models.init_nets(KEY, model, dataset.image_shape, config.pool_size,
                                     train_lib.sgd(0.1))
     pool = {"params": nets.params, "batch_stats": nets.batch_stats}
-  assert_fast_in_a_loop(*runner.distill_program(config, resolved, model, dataset, pool))
+  return (*runner.distill_program(config, resolved, model, dataset, pool), config, resolved)
+
+
+@pytest.mark.parametrize("method", ["dc", "acc_dd"])
+def test_distill_step_runs_fast_in_a_loop(method):
+  step, state, data, *_ = small_program(method)
+  assert_fast_in_a_loop(step, state, data)
 
 
 def test_distill_step_lowers_the_matching_loss_and_replaces_the_net_each_outer_iteration():
@@ -369,6 +378,49 @@ def test_distill_step_lowers_the_matching_loss_and_replaces_the_net_each_outer_i
   for later in nets[1:method.inner_iterations]:
     np.testing.assert_array_equal(later, nets[0])
   assert not np.allclose(nets[method.inner_iterations], nets[0])
+
+
+def test_trajectory_chunk_computes_the_interleaved_steps():
+  # Two outer iterations of Acc-DD with two nets each: interleaved, one inner iteration per
+  # step, vs both outer iterations' nets trained first as one population of four.
+  step, state, data, config, method = small_program("acc_dd", num_models=2, checkpoint_every=2)
+  chunk_step = small_program("acc_dd", num_models=2, checkpoint_every=2, trajectory_chunk=2)[0]
+  steps = 2 * method.inner_iterations
+  interleaved, metrics = jax.jit(train_lib.repeat(step, steps))(state, data)
+  program = program_of(chunk_step, state, data)
+  assert compiled.host_waits(program) == []
+  chunked, chunk_metrics = program(state, data)
+  assert int(chunked.step) == int(interleaved.step) == steps
+  moved = np.abs(np.asarray(interleaved.images) - np.asarray(state.images)).max()
+  assert moved > 1e-3
+  np.testing.assert_allclose(chunked.images, interleaved.images, atol=1e-4 * moved)
+  np.testing.assert_allclose(chunked.image_opt_state.trace,
+                             interleaved.image_opt_state.trace, rtol=1e-4, atol=1e-6)
+  # The nets the state ends with: the second outer iteration's, trained for all its steps.
+  for got, want in zip(jax.tree.leaves(chunked.nets), jax.tree.leaves(interleaved.nets)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  for name in ("loss", "net_accuracy"):
+    np.testing.assert_allclose(chunk_metrics[name], np.mean(metrics[name]), rtol=1e-4)
+
+
+def test_trajectory_chunk_runs_resumes_and_checkpoints_like_the_interleaved_run(tmp_path):
+  runs = {}
+  for chunk in (None, 1, 1):  # The second chunked run resumes the first's finished stage.
+    step, state, data, config, method = small_program("idc", trajectory_chunk=chunk)
+    dataset = runner.load_data(config)
+    model = build.model(config, dataset.num_classes)
+    images, summary = runner.distill(config, method, model, dataset, None,
+                                     tmp_path / str(chunk), progress=False)
+    if chunk in runs:
+      np.testing.assert_array_equal(images, runs[chunk][0])
+      assert summary["loss_steps"] == runs[chunk][1]["loss_steps"]
+    runs[chunk] = images, summary
+  (images, summary), (chunked, chunk_summary) = runs[None], runs[1]
+  np.testing.assert_allclose(chunked, images, atol=1e-5)
+  # One record (and checkpoint) per outer iteration in both, each the mean of its steps.
+  assert chunk_summary["loss_steps"] == summary["loss_steps"] == [2, 4]
+  np.testing.assert_allclose(chunk_summary["loss"], summary["loss"], rtol=1e-4)
+  assert chunk_summary["trajectory_chunk"] == 1
 
 
 def test_evaluation_step_runs_fast_in_a_loop():
@@ -429,7 +481,9 @@ def test_cli_small_run_saves_the_set_and_resumes(tmp_path):
     ("normalization=cifar10_common", "digits images have 1"),
     ("chunk_size=2", "chunk_size=2 applies to strategy 'map'"),
     ("eval.strategy=None", "DSA strategy None"), ("train_fraction=None", "train_fraction=None"),
-    ("flip=None", "flip expects True or False")])
+    ("flip=None", "flip expects True or False"),
+    ("trajectory_chunk=0", "trajectory_chunk=0"),
+    ("trajectory_chunk=2", "trajectory_chunk=2 must divide the checkpoint_every (1)")])
 def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
 
@@ -442,6 +496,10 @@ def test_methods_registry_rejects_unknown_fields():
   assert_one_line_user_error(lambda: methods.get_method("acc_dd", 10, image_updates="each"),
                              "unknown image_updates 'each'")
   assert methods.get_method("dc", 10).inner_iterations == 10
+  for name in ("dm", "dsa"):
+    assert_one_line_user_error(
+        lambda name=name: methods.check_trajectory_chunk(methods.get_method(name, 10), 1),
+        "trajectory_chunk", f"method {name!r}")
   assert methods.get_method("acc_dd", 50).image_learning_rate(50, (0.25,)) == pytest.approx(0.05)
 
 

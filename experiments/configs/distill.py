@@ -42,6 +42,9 @@ Speed on one H100 (``benchmarks/RESULTS.md``): the CIFAR-10 IPC-10 Acc-DD preset
 for its 500 outer iterations as configured (float32, one net per update); ``--set
 dtype=bfloat16 --set num_models=5`` ~23 min. bfloat16 evaluates a set as float32 does (measured on
 CIFAR-10) and trains 32 evaluation nets 12.4x faster than PyTorch one at a time.
+``--set trajectory_chunk=10`` (IDC, Acc-DD) keeps the reference's one net per update and trains
+the nets of 10 outer iterations as one population before their matching steps: the same
+computation, reordered; on a GPU it is still to be timed (RESULTS.md's next call).
 
 Deviations from the references (all documented in the library):
 - With ``num_models`` M > 1, each image update averages the matching loss over M nets (vmapped)
@@ -88,6 +91,11 @@ def _base() -> ml_collections.ConfigDict:
   c.pool_size = 5  # Acc-DD's early-stage nets.
   c.perturb_magnitude = (0.01, 0.09)
   c.checkpoint_every = 10  # Outer iterations between checkpoints of the synthetic set.
+  # IDC/Acc-DD: train the nets of this many outer iterations first, as one population, then
+  # run their matching steps against the kept snapshots (the same computation, reordered; see
+  # jaxtickets.distill.methods.make_distill_step). None: interleaved, one inner iteration per
+  # step. Must divide the outer iterations and checkpoint_every.
+  c.trajectory_chunk = None
   # How the matching runs the nets and the classes ("vmap", "map", "unroll"; see
   # jaxtickets.distill.matching.matching_losses); model_map None: map on CPU, vmap elsewhere.
   # With XLA's convolutions a vmap groups them (slow); model_options.conv_impl="im2col" makes

@@ -27,6 +27,13 @@ With M = 1 this is the reference's schedule. With M > 1 each update averages M n
 ``outer_iterations / M`` outer iterations keeps the number of model-steps (nets x inner
 iterations) of the reference, with M times fewer image updates.
 
+IDC's and Acc-DD's nets train on the real data only, so their trajectories do not depend on the
+synthetic set: with ``trajectory_chunk`` C, one step trains the nets of C outer iterations first
+as one population and then runs their C x inner matching updates in order against the kept
+snapshots. Same nets, keys and updates as C x inner interleaved steps (equal up to float
+rounding, tested), M = 1 included, so the reference's exact schedule gets the throughput of a
+C-net population for its nets' training.
+
 Images live in [0, 1] pixel space (IDC's convention). DC, DSA and DM optimize normalized images;
 their learning rates are converted to pixel space by ``std^2`` (mean over channels), which gives
 the same SGD trajectory up to the per-channel spread of ``std`` when ``std`` is the reference's
@@ -337,8 +344,20 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
                       magnitude: Sequence[float] = augment_models.DEFAULT_MAGNITUDE,
                       population_options: dict[str, Any] | None = None,
                       model_map: str | None = None,
-                      class_map: str = "unroll"):
-  """One inner iteration of ``method`` (see module docstring) as a pure step for ``loop.fit``.
+                      class_map: str = "unroll",
+                      trajectory_chunk: int | None = None):
+  """One inner iteration of ``method`` (see module docstring) as a pure step for ``loop.fit``,
+  or, with ``trajectory_chunk``, ``trajectory_chunk`` whole outer iterations.
+
+  With ``trajectory_chunk`` C (methods whose nets train on real data: IDC, Acc-DD) the step
+  computes what C x ``inner_iterations`` interleaved steps compute, in another order. A net's
+  trajectory through an outer iteration (its draw, its SGD steps with its own batch and
+  augmentation keys) does not depend on the synthetic set, so the C x M nets of C outer
+  iterations first train as ONE population, keeping their params before each inner iteration's
+  steps, and the images then take the C x ``inner_iterations`` matching updates in order against
+  those snapshots: the same nets, keys and updates (equal up to float rounding), with the nets'
+  training at the throughput of a C-times larger population. Memory: C x inner_iterations x M
+  param snapshots.
 
   Args:
     method: the method.
@@ -356,9 +375,17 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
     model_map: how ``matching.matching_losses`` runs the M nets: "vmap" (default off CPU),
       "map" (default on CPU) or "unroll".
     class_map: how it runs the K classes (default "unroll"; see ``matching.matching_losses``).
+    trajectory_chunk: None (one inner iteration per step) or C >= 1 (see above); the step
+      then advances ``state.step`` by C x ``inner_iterations`` (``loop.fit``'s ``step_size``)
+      and must start at an outer iteration's first inner iteration.
 
   Returns:
-    ``step(state: DistillState, data: DistillData) -> (state, {"loss", ["net_accuracy"]})``.
+    ``step(state: DistillState, data: DistillData) -> (state, {"loss", ["net_accuracy"]})``,
+    the metrics averaged over the inner iterations the step runs.
+
+  Raises:
+    UserError: a ``trajectory_chunk`` below 1, or for a method whose nets do not train on the
+      real data.
   """
   image_shape = tuple(image_shape)
   apply_fn = train_lib.model_apply_fn(model, mean, std)
@@ -378,9 +405,11 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
   model_map = model_map or ("map" if jax.default_backend() == "cpu" else "vmap")
   net_step = _net_training(method, apply_fn, net_optimizer, mean, std, images_per_class,
                            num_classes, population_options or {})
+  inner = method.inner_iterations
 
-  def new_nets(key, pool):
-    keys = jax.random.split(key, num_models)
+  def new_nets(run_key, outer, pool):
+    keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(run_key, 0), outer),
+                            num_models)
     if method.models == "random":
       return jax.vmap(new_net)(keys)
 
@@ -398,7 +427,7 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
   def augment(params, x):
     return dsa.apply(params, x, mean=mean, std=std) if augmentation.ops else x
 
-  def loss_of(images, nets, data, key):
+  def loss_of(images, params, batch_stats, data, key):
     real_key, synthetic_key, augment_key = jax.random.split(key, 3)
     real = jax.vmap(sample_real, in_axes=(0, None, None))(
         jax.random.split(real_key, num_models), data, real_batch)
@@ -409,23 +438,27 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
         jax.random.split(augment_key, (num_models, num_classes)))
     real_x = jax.vmap(jax.vmap(augment))(draws, data_lib.to_unit(real))
     syn_x = jax.vmap(jax.vmap(augment), in_axes=(0, None))(draws, syn)
-    return matching.matching_loss(objective, nets.params, nets.batch_stats, real_x, real_labels,
+    return matching.matching_loss(objective, params, batch_stats, real_x, real_labels,
                                   syn_x, synthetic_labels, model_map=model_map,
                                   class_map=class_map)
 
+  def update_images(run_key, step, images, opt_state, params, batch_stats, data):
+    """Inner iteration ``step``'s image update against the M nets ``(params, batch_stats)``."""
+    images = jnp.where(step % inner == 0, synthetic.clamp(images), images)
+    step_key = jax.random.fold_in(jax.random.fold_in(run_key, 1), step)
+    loss, grads = jax.value_and_grad(loss_of)(images_optimizer.lookahead(images, opt_state),
+                                              params, batch_stats, data, step_key)
+    images, opt_state = images_optimizer.update(grads, opt_state, images)
+    return images, opt_state, loss
+
   def step(state: DistillState, data: DistillData):
-    outer = state.step // method.inner_iterations
-    starts_outer = state.step % method.inner_iterations == 0
-    nets_key = jax.random.fold_in(jax.random.fold_in(state.key, 0), outer)
-    step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
     # A select, not a lax.cond: XLA:GPU stops the host at every conditional to read its
     # predicate, and fresh nets cost little next to an inner iteration's matching and training.
-    nets = jax.tree.map(functools.partial(jnp.where, starts_outer),
-                        new_nets(nets_key, data.pool), state.nets)
-    images = jnp.where(starts_outer, synthetic.clamp(state.images), state.images)
-    loss, grads = jax.value_and_grad(loss_of)(
-        images_optimizer.lookahead(images, state.image_opt_state), nets, data, step_key)
-    images, image_opt_state = images_optimizer.update(grads, state.image_opt_state, images)
+    nets = jax.tree.map(functools.partial(jnp.where, state.step % inner == 0),
+                        new_nets(state.key, state.step // inner, data.pool), state.nets)
+    images, image_opt_state, loss = update_images(state.key, state.step, state.images,
+                                                  state.image_opt_state, nets.params,
+                                                  nets.batch_stats, data)
     metrics = {"loss": loss}
     if net_step is not None:
       nets, net_metrics = net_step(nets, data, images)
@@ -433,7 +466,51 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
     return state._replace(step=state.step + 1, images=images, image_opt_state=image_opt_state,
                           nets=nets), metrics
 
-  return step
+  if trajectory_chunk is None:
+    return step
+  check_trajectory_chunk(method, trajectory_chunk)
+  chunk = trajectory_chunk
+
+  def trajectory_step(state: DistillState, data: DistillData):
+    outers = state.step // inner + jnp.arange(chunk)
+    nets = jax.vmap(new_nets, in_axes=(None, 0, None))(state.key, outers, data.pool)
+    nets = jax.tree.map(lambda leaf: leaf.reshape(chunk * num_models, *leaf.shape[2:]), nets)
+
+    def train(nets, _):
+      nets_after, net_metrics = net_step(nets, data, None)
+      return nets_after, ((nets.params, nets.batch_stats), jnp.mean(net_metrics["accuracy"]))
+
+    nets, (snapshots, accuracy) = jax.lax.scan(train, nets, None, length=inner)
+
+    def in_step_order(leaf):  # [inner, C * M, ...] -> [C * inner, M, ...], outer-major
+      leaf = leaf.reshape(inner, chunk, num_models, *leaf.shape[2:])
+      return jnp.swapaxes(leaf, 0, 1).reshape(chunk * inner, num_models, *leaf.shape[3:])
+
+    def match(carry, xs):
+      step_index, (params, batch_stats) = xs
+      images, opt_state, loss = update_images(state.key, step_index, *carry, params,
+                                              batch_stats, data)
+      return (images, opt_state), loss
+
+    (images, image_opt_state), losses = jax.lax.scan(
+        match, (state.images, state.image_opt_state),
+        (state.step + jnp.arange(chunk * inner), jax.tree.map(in_step_order, snapshots)))
+    last = jax.tree.map(lambda leaf: leaf.reshape(chunk, num_models, *leaf.shape[1:])[-1], nets)
+    return state._replace(step=state.step + chunk * inner, images=images,
+                          image_opt_state=image_opt_state, nets=last), {
+                              "loss": jnp.mean(losses), "net_accuracy": jnp.mean(accuracy)}
+
+  return trajectory_step
+
+
+def check_trajectory_chunk(method: Method, chunk: int) -> None:
+  """Raises UserError unless ``make_distill_step`` can take ``trajectory_chunk=chunk`` for
+  ``method``: an int >= 1, and nets that train (on the real data) between image updates."""
+  errors.check_int("trajectory_chunk", chunk)
+  if method.net_data != "real" or method.net_steps == 0:
+    raise UserError(f"trajectory_chunk trains the nets before matching against them, which "
+                    f"needs nets that train on the real data; method {method.name!r} trains "
+                    f"them on {method.net_data!r} for {method.net_steps} steps")
 
 
 def net_schedule(method: Method, num_classes: int, images_per_class: int) -> tuple[int, int]:
