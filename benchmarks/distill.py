@@ -137,8 +137,8 @@ class OuterVariant(NamedTuple):
         ("trajectory_chunk" if part.startswith("chunk") else "conv_impl"): part
         for part in parts[5:]}
     chunk = options.get("trajectory_chunk", "chunk1")[len("chunk"):]
-    if (len(parts) - 5 not in (0, len(options)) or not parts[0].isdigit() or int(parts[0]) < 1
-        or not parts[4].isdigit() or not chunk.isdigit() or int(chunk) < 1):
+    if (len(parts) - 5 not in (0, len(options)) or not parts[0].isdecimal() or int(parts[0]) < 1
+        or not parts[4].isdecimal() or not chunk.isdecimal() or int(chunk) < 1):
       raise UserError(f"outer variant {text!r}: expected "
                       "M/model_map/class_map/dtype/net_steps[/conv_impl][/chunkC] with M, C >= 1, "
                       "e.g. 1/vmap/unroll/bfloat16/32, 10/vmap/vmap/bfloat16/32/im2col or "

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxtickets import checkpoint as checkpoint_lib
+from jaxtickets import errors
 from jaxtickets import metrics as metrics_lib
 from jaxtickets import train as train_lib
 
@@ -66,8 +67,13 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
   Returns:
     The final state and the list of logged records (``{"step", "seconds", "train_<metric>",
     <evaluate's names>}``).
+
+  Raises:
+    UserError: a ``step_size`` below 1, or counts (the restored step included: a checkpoint of
+      another schedule) that are not multiples of it.
   """
   started = time.perf_counter()
+  errors.check_int("step_size", step_size)
   steps_per_call = steps_per_call or default_steps_per_call()
   log = checkpointer = None
   if workdir is not None:
@@ -82,9 +88,9 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
   earlier_seconds = wall_seconds(records)
   compiled: dict[int, Callable] = {}
   current = _current_step(state)
-  if (num_steps % step_size or eval_every % step_size or current % step_size):
-    raise ValueError(f"num_steps {num_steps}, eval_every {eval_every} and the state's step "
-                     f"{current} must be multiples of step_size {step_size}")
+  if num_steps % step_size or eval_every % step_size or current % step_size:
+    raise errors.UserError(f"num_steps {num_steps}, eval_every {eval_every} and the restored "
+                           f"step {current} must be multiples of step_size {step_size}")
   with tqdm(total=num_steps, initial=current, desc=description, disable=not progress,
             dynamic_ncols=True) as bar:
     while current < num_steps:

@@ -404,23 +404,22 @@ def test_trajectory_chunk_computes_the_interleaved_steps():
 
 
 def test_trajectory_chunk_runs_resumes_and_checkpoints_like_the_interleaved_run(tmp_path):
-  runs = {}
-  for chunk in (None, 1, 1):  # The second chunked run resumes the first's finished stage.
-    step, state, data, config, method = small_program("idc", trajectory_chunk=chunk)
+  def run(chunk, outer_iterations, name):
+    *_, config, method = small_program("idc", trajectory_chunk=chunk, checkpoint_every=2,
+                                       outer_iterations=outer_iterations)
     dataset = runner.load_data(config)
     model = build.model(config, dataset.num_classes)
-    images, summary = runner.distill(config, method, model, dataset, None,
-                                     tmp_path / str(chunk), progress=False)
-    if chunk in runs:
-      np.testing.assert_array_equal(images, runs[chunk][0])
-      assert summary["loss_steps"] == runs[chunk][1]["loss_steps"]
-    runs[chunk] = images, summary
-  (images, summary), (chunked, chunk_summary) = runs[None], runs[1]
+    return runner.distill(config, method, model, dataset, None, tmp_path / name,
+                          progress=False)
+
+  images, summary = run(None, 4, "interleaved")
+  run(2, 2, "chunked")  # Stops at its first checkpoint; the next run resumes from it.
+  chunked, chunk_summary = run(2, 4, "chunked")
   np.testing.assert_allclose(chunked, images, atol=1e-5)
-  # One record (and checkpoint) per outer iteration in both, each the mean of its steps.
-  assert chunk_summary["loss_steps"] == summary["loss_steps"] == [2, 4]
+  # One record (and checkpoint) per 2 outer iterations in both, each the mean of its steps.
+  assert chunk_summary["loss_steps"] == summary["loss_steps"] == [4, 8]
   np.testing.assert_allclose(chunk_summary["loss"], summary["loss"], rtol=1e-4)
-  assert chunk_summary["trajectory_chunk"] == 1
+  assert chunk_summary["trajectory_chunk"] == 2
 
 
 def test_evaluation_step_runs_fast_in_a_loop():

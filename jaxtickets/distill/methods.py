@@ -356,8 +356,9 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
   iterations first train as ONE population, keeping their params before each inner iteration's
   steps, and the images then take the C x ``inner_iterations`` matching updates in order against
   those snapshots: the same nets, keys and updates (equal up to float rounding), with the nets'
-  training at the throughput of a C-times larger population. Memory: C x inner_iterations x M
-  param snapshots.
+  training at the throughput of a C-times larger population (equal per step; over many steps
+  rounding differences compound, so long runs agree in distribution, not bit for bit). Memory:
+  C x inner_iterations x M param snapshots, and the activations of C x M nets training at once.
 
   Args:
     method: the method.
@@ -480,21 +481,22 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
       nets_after, net_metrics = net_step(nets, data, None)
       return nets_after, ((nets.params, nets.batch_stats), jnp.mean(net_metrics["accuracy"]))
 
+    # Leaves [inner, C * M, ...]: read in place below (a transposed copy for the scan's xs
+    # would hold them twice).
     nets, (snapshots, accuracy) = jax.lax.scan(train, nets, None, length=inner)
 
-    def in_step_order(leaf):  # [inner, C * M, ...] -> [C * inner, M, ...], outer-major
-      leaf = leaf.reshape(inner, chunk, num_models, *leaf.shape[2:])
-      return jnp.swapaxes(leaf, 0, 1).reshape(chunk * inner, num_models, *leaf.shape[3:])
+    def match(carry, offset):
+      def nets_of(leaf):  # The M nets of outer iteration offset // inner at its inner step.
+        leaf = jax.lax.dynamic_index_in_dim(leaf, offset % inner, keepdims=False)
+        return jax.lax.dynamic_slice_in_dim(leaf, offset // inner * num_models, num_models)
 
-    def match(carry, xs):
-      step_index, (params, batch_stats) = xs
-      images, opt_state, loss = update_images(state.key, step_index, *carry, params,
+      params, batch_stats = jax.tree.map(nets_of, snapshots)
+      images, opt_state, loss = update_images(state.key, state.step + offset, *carry, params,
                                               batch_stats, data)
       return (images, opt_state), loss
 
     (images, image_opt_state), losses = jax.lax.scan(
-        match, (state.images, state.image_opt_state),
-        (state.step + jnp.arange(chunk * inner), jax.tree.map(in_step_order, snapshots)))
+        match, (state.images, state.image_opt_state), jnp.arange(chunk * inner))
     last = jax.tree.map(lambda leaf: leaf.reshape(chunk, num_models, *leaf.shape[1:])[-1], nets)
     return state._replace(step=state.step + chunk * inner, images=images,
                           image_opt_state=image_opt_state, nets=last), {
