@@ -219,12 +219,15 @@ class SourceModel:
                                                 self.source.image_shape))
 
   def test_accuracy(self, variables: dict[str, PyTree]) -> float:
-    """Accuracy on the first ``source.eval_size`` test examples (one batch)."""
-    size = min(self.config.source.eval_size, len(self.source.test.labels))
-    test = train_lib.device_data(data_lib.Split(self.source.test.images[:size],
-                                                self.source.test.labels[:size]))
-    return float(jax.jit(functools.partial(train_lib.evaluate, self.apply_fn, batch_size=size))(
-        variables["params"], variables["batch_stats"], test)["accuracy"])
+    """Accuracy on a stratified random ``source.eval_size`` of the test split (one batch; not
+    its first examples: a test split may be sorted by class, as the shared CIFAR-10 npz is)."""
+    test = self.source.test
+    if self.config.source.eval_size < len(test.labels):
+      test = data_lib.subsample(test, self.config.source.eval_size / len(test.labels),
+                                seed=self.config.seed)
+    evaluate = functools.partial(train_lib.evaluate, self.apply_fn, batch_size=len(test.labels))
+    return float(jax.jit(evaluate)(variables["params"], variables["batch_stats"],
+                                   train_lib.device_data(test))["accuracy"])
 
   def restore_given(self) -> tuple[dict[str, PyTree], int] | None:
     """The variables and step of ``source.checkpoint_dir/<model>`` (or of its ``pretrained``
@@ -435,6 +438,31 @@ def unit_outputs(model: Any, names: Sequence[str], mean: Sequence[float], std: S
   return outputs
 
 
+def check_similarity_shapes(config: ml_collections.ConfigDict, specs: Sequence[ModelSpec],
+                            target: data_lib.Dataset) -> None:
+  """Raises UserError when a unit's output on the probe has fewer datapoints than channels
+  (CCA undefined), from shapes alone, so that a run does not fail after all its training."""
+  if "transfer" not in config.arms:
+    return
+  settings = config.similarity
+  probe = jax.ShapeDtypeStruct(
+      (min(settings.probe_size, len(target.test.labels)), *target.image_shape), jnp.uint8)
+  for spec in specs:
+    model = spec.build(target.num_classes)
+    layers = [unit[-1] for unit in transfusion.transfer_units(spec.block_names)]
+    variables = jax.eval_shape(lambda model=model: _variables(*train_lib.init_variables(
+        jax.random.key(0), model, target.image_shape)))
+    outputs = jax.eval_shape(unit_outputs(model, layers, target.mean, target.std), variables,
+                             probe)
+    try:
+      similarity.check_layer_shapes({f"{spec.name} {name}": output.shape
+                                     for name, output in outputs.items()},
+                                    max_datapoints=settings.max_datapoints)
+    except UserError as error:
+      raise UserError(f"{error} (similarity.probe_size={settings.probe_size}, "
+                      f"similarity.max_datapoints={settings.max_datapoints})") from None
+
+
 def representation_similarity(config: ml_collections.ConfigDict, spec: ModelSpec,
                               run: PopulationRun, probe: np.ndarray,
                               target: data_lib.Dataset) -> dict[str, Any] | None:
@@ -530,8 +558,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   for regime, split in train_splits.items():
     data_lib.steps_per_epoch(len(split.labels), config.batch_size)  # batch fits every regime
   sources = [SourceModel(config, spec, source) for spec in specs]
-  # Given checkpoints are checked before the workdir is claimed: bad input writes nothing.
+  # Given checkpoints and the similarity's shapes are checked before the workdir is claimed:
+  # bad input writes nothing (and trains nothing).
   given = [source_model.restore_given() for source_model in sources]
+  check_similarity_shapes(config, specs, target)
   workdir = checkpoint.claim_workdir(workdir, config.to_dict())
   context = Context(
       config=config, workdir=workdir, target=target, val=train_lib.device_data(target.val),
@@ -698,7 +728,7 @@ def findings(results: dict[str, Any]) -> str:
                                          ("chance", "chance")))
     changes.append(f"{model}: {listed} (random init, seed 0, above chance: lower half "
                    f"{lower:.3f} vs upper half {upper:.3f}, "
-                   f"{'confirmed' if lower > upper else 'NOT confirmed'})")
+                   f"{_verdict(lower > upper, above)})")
     by_size.append((results["models"][model]["num_params"], model, above.mean()))
   if changes:
     lines.append(f"- **Do lower layers change less?** {method.upper()} of each unit (lowest "
@@ -712,8 +742,16 @@ def findings(results: dict[str, Any]) -> str:
                  "chance (random init, seed 0), smallest model first: "
                  + ", ".join(f"{model} ({size:,} params) {mean:.3f}"
                              for size, model, mean in by_size)
-                 + f": {'confirmed' if confirmed else 'NOT confirmed'}.")
+                 + f": {_verdict(confirmed, means)}.")
   return "\n".join(lines)
+
+
+def _verdict(confirmed: bool, values: Any) -> str:
+  """"confirmed" or "NOT confirmed", or "undefined" when the similarities it was read from
+  hold a NaN (a unit whose activations are constant, where CCA is undefined)."""
+  if np.isnan(np.asarray(values, np.float64)).any():
+    return "undefined (a unit's activations are constant on the probe)"
+  return "confirmed" if confirmed else "NOT confirmed"
 
 
 def convergence_figure(results: dict[str, Any]) -> plt.Figure:

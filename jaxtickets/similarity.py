@@ -150,18 +150,27 @@ def _pwcca(x: jax.Array, y: jax.Array, epsilon: jax.Array) -> jax.Array:
   return jnp.sum(weights * result.rho) / jnp.sum(weights)
 
 
+def _check_representation_shape(name: str, shape: tuple[int, ...]) -> None:
+  if len(shape) != 2:
+    raise UserError(f"{name} must be f32[datapoints, neurons] (use flatten_conv for conv "
+                    f"activations), got shape {tuple(shape)}")
+  if shape[0] < shape[1]:
+    raise UserError(f"{name} has fewer datapoints ({shape[0]}) than neurons ({shape[1]}); CCA "
+                    "needs at least as many, better many more")
+
+
+def _check_epsilon(epsilon: float) -> None:
+  if isinstance(epsilon, (int, float)) and not epsilon >= 0:
+    raise UserError(f"epsilon must be >= 0, got {epsilon}")
+
+
 def _representation_pair(
     x: jax.Array, y: jax.Array, x_name: str = "x", y_name: str = "y"
 ) -> tuple[jax.Array, jax.Array]:
   """``x, y`` as f32[N, D1], f32[N, D2] after checking they can be compared; UserError if not."""
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
   for name, rep in ((x_name, x), (y_name, y)):
-    if rep.ndim != 2:
-      raise UserError(f"{name} must be f32[datapoints, neurons] (use flatten_conv for conv "
-                      f"activations), got shape {tuple(rep.shape)}")
-    if rep.shape[0] < rep.shape[1]:
-      raise UserError(f"{name} has fewer datapoints ({rep.shape[0]}) than neurons "
-                      f"({rep.shape[1]}); CCA needs at least as many, better many more")
+    _check_representation_shape(name, rep.shape)
   if x.shape[0] != y.shape[0]:
     raise UserError(f"{x_name} and {y_name} must share their datapoints, got {x.shape[0]} and "
                     f"{y.shape[0]} rows")
@@ -177,12 +186,14 @@ def cca(x: jax.Array, y: jax.Array, *, epsilon: float = 1e-10) -> CCAResult:
       directions with less than about ``epsilon`` of the top direction's variance.
 
   Returns:
-    A :class:`CCAResult` with ``rho: f32[min(D1, D2)]`` descending.
+    A :class:`CCAResult` with ``rho: f32[min(D1, D2)]`` descending; NaN where a side is constant
+    (no variance, e.g. a layer of dead ReLUs), for which canonical correlations are undefined.
 
   Raises:
-    UserError: for a non-2-D input, mismatched datapoint counts or N < D.
+    UserError: for a non-2-D input, mismatched datapoint counts, N < D or ``epsilon < 0``.
   """
   x, y = _representation_pair(x, y)
+  _check_epsilon(epsilon)
   return _cca(x, y, epsilon)
 
 
@@ -200,12 +211,14 @@ def svcca(x: jax.Array, y: jax.Array, *, keep_variance: float = 0.99,
     epsilon: relative ridge, as in :func:`cca`.
 
   Returns:
-    f32[] in [0, 1].
+    f32[] in [0, 1]; NaN when a side is constant (see :func:`cca`).
 
   Raises:
-    UserError: for bad shapes (see :func:`cca`) or ``keep_variance`` outside (0, 1].
+    UserError: for bad shapes or ``epsilon`` (see :func:`cca`) or ``keep_variance`` outside
+      (0, 1].
   """
   x, y = _representation_pair(x, y)
+  _check_epsilon(epsilon)
   if isinstance(keep_variance, (int, float)) and not 0 < keep_variance <= 1:
     raise UserError(f"keep_variance must lie in (0, 1], got {keep_variance}")
   return _svcca(x, y, keep_variance, epsilon)
@@ -222,12 +235,14 @@ def pwcca(x: jax.Array, y: jax.Array, *, epsilon: float = 1e-10) -> jax.Array:
     epsilon: relative ridge, as in :func:`cca`.
 
   Returns:
-    f32[] in [0, 1]; symmetric in x and y when D1 != D2.
+    f32[] in [0, 1]; symmetric in x and y when D1 != D2; NaN when a side is constant (see
+    :func:`cca`).
 
   Raises:
-    UserError: for bad shapes (see :func:`cca`).
+    UserError: for bad shapes or ``epsilon`` (see :func:`cca`).
   """
   x, y = _representation_pair(x, y)
+  _check_epsilon(epsilon)
   return _pwcca(x, y, epsilon)
 
 
@@ -292,7 +307,8 @@ def layerwise_similarity(
     max_datapoints: bound on datapoints per conv layer (see :func:`flatten_conv`).
 
   Returns:
-    Layer name -> similarity in [0, 1], in the order of ``acts_a``.
+    Layer name -> similarity in [0, 1] (NaN for a constant layer, see :func:`cca`), in the
+    order of ``acts_a``.
 
   Raises:
     UserError: for an unknown method, layer names that differ, or unusable shapes.
@@ -307,13 +323,31 @@ def layerwise_similarity(
     only_a, only_b = sorted(set(acts_a) - set(acts_b)), sorted(set(acts_b) - set(acts_a))
     raise UserError(f"layer names differ: only in acts_a {only_a}, only in acts_b {only_b}")
 
-  def representation(acts: jax.Array) -> jax.Array:
-    acts = jnp.asarray(acts)
-    return flatten_conv(acts, max_datapoints=max_datapoints) if acts.ndim == 4 else acts
-
   result = {}
   for name in acts_a:
-    x, y = _representation_pair(representation(acts_a[name]), representation(acts_b[name]),
+    x, y = _representation_pair(_representation(acts_a[name], max_datapoints),
+                                _representation(acts_b[name], max_datapoints),
                                 f"acts_a[{name!r}]", f"acts_b[{name!r}]")
     result[name] = float(similarities[method](x, y))
   return result
+
+
+def _representation(acts: jax.Array, max_datapoints: int | None) -> jax.Array:
+  """A layer's activations as f32[N, D]: conv outputs flattened by :func:`flatten_conv`."""
+  acts = jnp.asarray(acts)
+  return flatten_conv(acts, max_datapoints=max_datapoints) if acts.ndim == 4 else acts
+
+
+def check_layer_shapes(shapes: Mapping[str, tuple[int, ...]], *,
+                       max_datapoints: int | None = None) -> None:
+  """Raises UserError unless activations of these shapes can be compared by
+  :func:`layerwise_similarity` (with this ``max_datapoints``), before any are computed.
+
+  Args:
+    shapes: layer name -> activation shape (B, H, W, C) or (B, D).
+    max_datapoints: as in :func:`layerwise_similarity`.
+  """
+  for name, shape in shapes.items():
+    flat = jax.eval_shape(functools.partial(_representation, max_datapoints=max_datapoints),
+                          jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+    _check_representation_shape(f"layer {name!r}", flat.shape)

@@ -204,6 +204,16 @@ def test_layerwise_similarity_flattens_conv_layers_and_keeps_order(digit_pixels)
     assert scores["pooled"] < 0.5
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_constant_representation_has_no_similarity(gaussian, method):
+  # A layer of dead ReLUs has no variance: no canonical correlation is defined, and a number
+  # in [0, 1] would be read as a finding.
+  x = gaussian[0][:500, :4]
+  assert np.isnan(float(METHODS[method](np.zeros_like(x), x)))
+  assert np.isnan(similarity.layerwise_similarity({"a": x}, {"a": np.zeros_like(x)},
+                                                  method)["a"])
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: similarity.cca(np.ones((50, 4)), np.ones((40, 4))), "50 and 40"),
     (lambda: similarity.svcca(np.ones((10, 4)), np.ones((10, 12))),
@@ -219,6 +229,11 @@ def test_layerwise_similarity_flattens_conv_layers_and_keeps_order(digit_pixels)
      r"only in acts_a \['a'\]"),
     (lambda: similarity.layerwise_similarity({"a": np.ones((2, 2, 2, 9))}, {"a": np.ones((8, 2))}),
      r"acts_a\['a'\] has fewer datapoints \(8\) than neurons \(9\)"),
+    (lambda: similarity.pwcca(np.ones((10, 4)), np.ones((10, 4)), epsilon=-1e-3), "epsilon"),
+    # From shapes alone, with the subsampling layerwise_similarity would apply.
+    (lambda: similarity.check_layer_shapes({"a": (10, 4, 4, 8), "b": (10, 4, 4, 200)},
+                                           max_datapoints=100),
+     r"layer 'b' has fewer datapoints \(40\) than neurons \(200\)"),
 ])
 def test_bad_input_raises_one_line_user_error(call, match):
   with pytest.raises(UserError, match=match) as error:

@@ -288,6 +288,8 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
     ("sweep_arms=None", "sweep_arms=None"), ("transfusion_blocks=None", "transfusion_blocks"),
     ("source.train_fraction=None", "source.train_fraction=None"),
     ("val_fraction=1", "val_fraction=1"),
+    # Found from shapes before anything trains: the last unit's 1 x 1 map of one probe image.
+    ("similarity.probe_size=1", "fewer datapoints (1) than neurons"),
 ])
 def test_cli_exits_2_on_bad_config(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
@@ -325,8 +327,10 @@ def test_cli_exits_2_on_a_pretrained_checkpoint_of_another_architecture(
       "--set", f"source.checkpoint_dir={given}"], "is not a cbr_small")
 
 
-@pytest.mark.parametrize("large_similarity, verdict", [(0.9, "confirmed"),
-                                                       (0.5, "NOT confirmed")])
+@pytest.mark.parametrize("large_similarity, verdict", [
+    (0.9, "confirmed"), (0.5, "NOT confirmed"),
+    # A unit with constant activations has no similarity; no verdict can be read from it.
+    (float("nan"), "undefined (a unit's activations are constant on the probe)")])
 def test_findings_judge_whether_larger_models_change_less(large_similarity, verdict):
   def model(num_params, similarity):
     curves = {"random_init_vs_trained": [similarity + 0.1, similarity - 0.1],

@@ -72,7 +72,7 @@ def _source(digits: bool = False) -> ml_collections.ConfigDict:
   for name in ("model", "model_options", "dtype", "seed"):
     del s[name]
   s.train_fraction = 1.0  # Stratified share of the source training split used to pretrain.
-  s.eval_size = 2000  # Test examples scored after pretraining (the first ones).
+  s.eval_size = 2000  # Test examples scored after pretraining (a stratified random subset).
   # A folder with one pretrained checkpoint per model name (a previous run's pretrain/), used
   # instead of pretraining; None pretrains.
   s.checkpoint_dir = ml_collections.config_dict.placeholder(str)
