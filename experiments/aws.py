@@ -93,7 +93,14 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     errors.check_int("transfer.population_size", transfer.population_size)
   errors.check_int("lmc.num_points", config.lmc.num_points, minimum=2)
   errors.check_int("lmc.batch_size", config.lmc.batch_size)
-  return aws.rounds_for_densities(transfer.densities, pruning.rounds, pruning.fraction)
+  rounds = aws.rounds_for_densities(transfer.densities, pruning.rounds, pruning.fraction)
+  num_members = len(transfer_members(config, rounds))
+  group = min(transfer.population_size or num_members, num_members)
+  build.check_population_sizes(config, {
+      "the pruning population (methods)": len(config.methods), "a transfer group": group,
+      "the last transfer group": num_members % group or group,
+      "the error curve (lmc.num_points)": config.lmc.num_points})
+  return rounds
 
 
 # ----------------------------------------------------------------------------------------------

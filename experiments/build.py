@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -118,6 +119,18 @@ def population_options(config: ml_collections.ConfigDict, params: Any,
     num_params = sum(leaf.size for leaf in jax.tree.leaves(params))
     return population.default_strategy(model_name or config.model, num_params)
   return {"strategy": config.strategy, "chunk_size": config.get("chunk_size")}
+
+
+def check_population_sizes(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> None:
+  """Raises UserError when ``strategy`` "shard" cannot split one of the study's populations
+  (``sizes``: what it is -> its members) evenly over the devices, before anything trains."""
+  if config.strategy != "shard":
+    return
+  devices = jax.device_count()
+  for name, size in sizes.items():
+    if size % devices:
+      raise UserError(f"strategy 'shard' splits every population evenly over the {devices} "
+                      f"devices; {name}: {size} members")
 
 
 def check_population_options(config: ml_collections.ConfigDict) -> None:

@@ -91,6 +91,9 @@ def check_config(config: ml_collections.ConfigDict) -> methods.Method:
   build.check_population_options(config)
   for name in ("num_models", "pool_size", "checkpoint_every"):
     errors.check_int(name, config[name])
+  # (A trajectory_chunk's C x num_models nets split wherever num_models does.)
+  build.check_population_sizes(config, {"num_models": config.num_models, **(
+      {"the early-stage pool (pool_size)": config.pool_size} if method.models == "pool" else {})})
   errors.check_number("train_fraction", config.train_fraction, 0, 1, strict=True)
   outer = outer_iterations(config, method)
   if config.trajectory_chunk is not None:
@@ -250,6 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   dataset = load_data(config)
   synthetic.check_images_per_class(config.ipc, dataset.train.labels, dataset.num_classes,
                                    factor=method.factor, init=method.init)
+  synthetic.check_factor(method.factor, dataset.image_shape)
   workdir = checkpoint.claim_workdir(workdir, config.to_dict())
   model = build.model(config, dataset.num_classes)
   test = train_lib.device_data(dataset.test)

@@ -65,9 +65,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises UserError for a bad setting of any stage before anything is loaded or trained."""
   build.check_training(config)
   training_attack(config)
-  rst.keep_ratio_array(config.keep_ratios)
+  keep_ratios = rst.keep_ratio_array(config.keep_ratios)
   data_lib.check_val_fraction("val_fraction", config.val_fraction)
   build.check_population_options(config)
+  build.check_population_sizes(config, {"the tickets (keep_ratios)": len(keep_ratios)})
   get_initializer(config.weight_init)
   evaluation = config.eval
   rst.evaluation_attacks(eps=evaluation.eps, step_size=evaluation.step_size,

@@ -161,6 +161,15 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
     if config.reduced_fraction == 1:
       raise UserError("reduced_fraction=1 is the full regime; expected a value in (0, 1) or None")
   errors.check_number("convergence_fraction", config.convergence_fraction, 0, 1, strict=True)
+  regimes = ("full", "reduced") if config.reduced_fraction is not None else ("full",)
+  sizes = {}
+  for spec in specs:
+    for regime in regimes:
+      sizes[f"{spec.name} {regime} (arms x seeds)"] = (
+          len(arms_of(config, spec, regime)) * config.seeds)
+      if slim_arm(config, spec, regime) is not None:
+        sizes[f"{spec.name} {regime} slim (seeds)"] = config.seeds
+  build.check_population_sizes(config, sizes)
   settings = config.similarity
   if (isinstance(settings.methods, str) or not settings.methods
       or set(settings.methods) - set(similarity.METHODS)):

@@ -575,9 +575,11 @@ def robust_accuracy(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree,
                     batch_size: int = 500) -> dict[str, jax.Array]:
   """Clean and robust accuracy of a whole split, in fixed-size padded batches.
 
-  An example counts as robust when the network (eval mode) classifies its adversarial version
-  correctly, as RST's evaluation counts (``model(X + pgd_delta)`` against ``y``; an example
-  misclassified clean is almost never right after the attack). Batches run through
+  An example counts as robust when the attack fails on it: the network, in the attack's own mode
+  (eval mode for :func:`get_attack`'s evaluation attacks, as RST's evaluation runs them),
+  classifies its adversarial version correctly, as RST's evaluation counts (``model(X +
+  pgd_delta)`` against ``y``; an example misclassified clean is almost never right after the
+  attack). A train-mode attack would judge with batch statistics of the padded batch. Batches run through
   ``lax.map``, so any split size compiles once; to reuse that compilation across calls, jit a
   function that closes over ``apply_fn`` and ``attack``.
 

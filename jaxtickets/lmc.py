@@ -153,9 +153,11 @@ def barrier(errors: Sequence[float] | np.ndarray) -> float:
   """AWS's error barrier ``max_t err(t) - (err(0) + err(1)) / 2`` of a curve (endpoints included).
 
   Raises:
-    UserError: fewer than 2 points.
+    UserError: not one curve (f[num_points]), or fewer than 2 points.
   """
-  errors = np.asarray(errors, np.float64).reshape(-1)
+  errors = np.asarray(errors, np.float64)
+  if errors.ndim != 1:
+    raise UserError(f"barrier takes one error curve f[num_points], got shape {errors.shape}")
   if errors.size < 2:
     raise UserError(f"an error curve needs at least 2 points, got {errors.size}")
   return float(np.max(errors - (errors[0] + errors[-1]) / 2))

@@ -570,10 +570,15 @@ def keep_ratio_array(keep_ratios: Sequence[float]) -> jax.Array:
   """f32[K] keep ratios of a population, validated.
 
   Raises:
-    UserError: empty, or a ratio outside (0, 1].
+    UserError: empty, a ratio outside (0, 1], or a ratio given twice (its tickets would be
+      identical: the same weights, score init and data order, so R2S's transfer table would
+      count a ticket attacking itself as a transfer).
   """
   if np.ndim(keep_ratios) != 1 or not len(keep_ratios):
     raise UserError(f"keep_ratios={keep_ratios!r}; expected a non-empty sequence in (0, 1]")
   for ratio in keep_ratios:
     tickets.check_keep_ratio(ratio)
+  if len(set(keep_ratios)) != len(keep_ratios):
+    raise UserError(f"keep_ratios={tuple(keep_ratios)!r} repeats a ratio; its tickets would be "
+                    "identical")
   return jnp.asarray(keep_ratios, jnp.float32)

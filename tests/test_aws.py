@@ -326,6 +326,9 @@ def test_barrier_definition():
   assert lmc.barrier([0.1, 0.3, 0.1]) == pytest.approx(0.2)
   assert lmc.barrier([0.1, 0.1, 0.3]) == pytest.approx(0.1)  # endpoints count, as in AWS
   assert_one_line_user_error(lambda: lmc.barrier([0.2]), "at least 2 points")
+  # A stack of curves is not one long curve (its endpoints would come from different curves).
+  assert_one_line_user_error(lambda: lmc.barrier([[0.1, 0.5, 0.1], [0.3, 0.3, 0.3]]),
+                             "one error curve", "(2, 3)")
   assert_one_line_user_error(lambda: lmc.make_error_curve(None, num_points=1), "num_points=1")
 
 
@@ -373,6 +376,28 @@ def test_small_run_writes_results_report_and_figures(small_run):
   assert set(results["findings"]) == {"init_norm_barrier", "sign_transfer_accuracy"}
 
 
+def test_transfers_keep_the_mask_of_their_own_methods_ticket(small_run):
+  # LRR's and AWS's tickets of a round have equal densities: only their masks tell which one a
+  # transfer started from. The finished stages restore from the workdir without training.
+  _, workdir = small_run
+  config = aws_configs.get_config("small")
+  context = runner.make_context(config, workdir, False)
+  pruning = runner.pruning_stage(context)
+  members, finals, _ = runner.transfer_stage(context, pruning, runner.check_config(config))
+  checked = 0
+  for index, member in enumerate(members):
+    if member.source == "dense":
+      continue
+    masks = pruning.tickets[member.round - 1][2]
+    own, other = (population.select(masks, config.methods.index(method))
+                  for method in (member.source, *set(config.methods) - {member.source}))
+    mask = population.select(finals.mask, index)
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, mask, own)))
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, mask, other)))
+    checked += 1
+  assert checked == len([member for member in members if member.source != "dense"]) > 0
+
+
 def test_small_run_resumes_without_training_again(small_run):
   results, workdir = small_run
   logs = sorted(workdir.glob("**/metrics.jsonl"))
@@ -394,9 +419,26 @@ def test_small_run_resumes_without_training_again(small_run):
     ("model_options.norm='none'", "AWS interpolates norm params"),
     ("methods=None", "methods=None"), ("transfer.seeds=None", "transfer.seeds=None"),
     ("transfer.densities=None", "densities=None"), ("transfer.dense=None", "True or False"),
+    # Four test devices: every population must split over them (found before any training).
+    ("strategy='shard'", "the pruning population (methods): 2 members"),
 ])
 def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
+
+
+def test_sharded_populations_are_checked_before_anything_trains(monkeypatch):
+  # On 2 devices the 2 pruning members split, so the later stages' sizes decide: the small
+  # preset's 14 transfer members in groups, and its 11-point error curve.
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  config = aws_configs.get_config("small")
+  config.strategy = "shard"
+  assert_one_line_user_error(lambda: runner.check_config(config),
+                             "the error curve (lmc.num_points): 11 members")
+  config.lmc.num_points = 4
+  config.transfer.population_size = 3
+  assert_one_line_user_error(lambda: runner.check_config(config), "a transfer group: 3 members")
+  config.transfer.population_size = 4  # Groups of 4, 4, 4 and 2.
+  runner.check_config(config)
 
 
 def test_unknown_preset_is_a_user_error():

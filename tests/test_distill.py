@@ -197,6 +197,13 @@ def test_multi_formation_decode(factor):
         np.testing.assert_allclose(decoded[(i * factor + j) * 2 + n], expected, atol=1e-5)
 
 
+def test_decode_and_the_protocol_refuse_what_they_cannot_do():
+  assert_one_line_user_error(lambda: synthetic.decode(jnp.zeros((2, 12, 8, 1)), 2), "12x8")
+  assert synthetic.decode(jnp.zeros((2, 12, 8, 1)), 1).shape == (2, 12, 8, 1)
+  assert_one_line_user_error(lambda: evaluate.Protocol(milestones=(1.5,)), "milestone=1.5")
+  assert_one_line_user_error(lambda: evaluate.Protocol(gamma=-1.0), "gamma=-1.0")
+
+
 def test_mix_init_places_downsampled_real_images_of_the_class(digits):
   images = synthetic.init_images(3, digits.train.images, digits.train.labels, 10, 2, factor=2,
                                  init="mix")
@@ -482,7 +489,8 @@ def test_cli_small_run_saves_the_set_and_resumes(tmp_path):
     ("eval.strategy=None", "DSA strategy None"), ("train_fraction=None", "train_fraction=None"),
     ("flip=None", "flip expects True or False"),
     ("trajectory_chunk=0", "trajectory_chunk=0"),
-    ("trajectory_chunk=2", "trajectory_chunk=2 must divide the checkpoint_every (1)")])
+    ("trajectory_chunk=2", "trajectory_chunk=2 must divide the checkpoint_every (1)"),
+    ("strategy='shard'", "num_models: 1 members")])
 def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
 

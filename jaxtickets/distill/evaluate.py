@@ -66,6 +66,10 @@ class Protocol:
     errors.check_number("evaluation weight_decay", self.weight_decay, 0)
     for field in ("momentum", "mix_probability"):
       errors.check_number(f"evaluation {field}", getattr(self, field), 0, 1)
+    errors.check_sequence("evaluation milestones", self.milestones, nonempty=False)
+    for fraction in self.milestones:
+      errors.check_number("evaluation milestone", fraction, 0, 1)
+    errors.check_number("evaluation gamma", self.gamma, 0, strict=True)
     self.dsa_strategy()
 
   def dsa_strategy(self) -> dsa.Strategy:

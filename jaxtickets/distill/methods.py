@@ -8,7 +8,9 @@ iterations, progress bar). Per inner iteration:
 1. At the start of an outer iteration (every ``inner_iterations`` steps) the M matching nets are
    replaced: fresh random inits (DC, DSA, DM, IDC) or, for Acc-DD, M nets drawn uniformly from the
    pretrained early-stage pool, each perturbed (:mod:`augment_models`), with fresh SGD states; the
-   stored images are clipped to [0, 1].
+   stored images are clipped to [0, 1] (IDC's clamp; DC's, DSA's and DM's code never clip their
+   normalized images, so for them it is a deviation, at every step for DM's single inner
+   iteration).
 2. Matching: for every (net, class) a real batch of the class (drawn without replacement) and the
    class's decoded synthetic images (at most ``synthetic_max``) get ONE DSA draw (Siamese), and
    the class objective is evaluated for all M x K pairs in one program; the loss averaged

@@ -123,6 +123,16 @@ def init_images(seed: int, images: np.ndarray, labels: np.ndarray, num_classes: 
   return stored
 
 
+def check_factor(factor: int, image_shape: tuple[int, ...]) -> None:
+  """Raises UserError unless :func:`decode` can decode images of ``image_shape`` (H, W, C) with
+  ``factor``: IDC's crops are square, of the height's size, so f > 1 needs H == W."""
+  errors.check_int("factor", factor)
+  height, width = image_shape[:2]
+  if factor > 1 and height != width:
+    raise UserError(f"multi-formation (factor {factor}) decodes square images; got "
+                    f"{height}x{width}")
+
+
 def decode(images: jax.Array, factor: int) -> jax.Array:
   """IDC's uniform multi-formation: every stored image -> f x f upsampled crops.
 
@@ -133,7 +143,11 @@ def decode(images: jax.Array, factor: int) -> jax.Array:
   Returns:
     f32[N * f^2, H, W, C]: crop (i, j) of image n at index ``(i * f + j) * N + n``, as the
     reference concatenates them. Differentiable.
+
+  Raises:
+    UserError: non-square images with f > 1 (IDC's crops are square, of the height's size).
   """
+  check_factor(factor, images.shape[1:])
   if factor == 1:
     return images
   count, height, width, channels = images.shape
