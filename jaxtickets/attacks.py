@@ -579,9 +579,9 @@ def robust_accuracy(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree,
   (eval mode for :func:`get_attack`'s evaluation attacks, as RST's evaluation runs them),
   classifies its adversarial version correctly, as RST's evaluation counts (``model(X +
   pgd_delta)`` against ``y``; an example misclassified clean is almost never right after the
-  attack). A train-mode attack would judge with batch statistics of the padded batch. Batches run through
-  ``lax.map``, so any split size compiles once; to reuse that compilation across calls, jit a
-  function that closes over ``apply_fn`` and ``attack``.
+  attack). A train-mode attack would judge with batch statistics of the padded batch. Batches
+  run through ``lax.map``, so any split size compiles once; to reuse that compilation across
+  calls, jit a function that closes over ``apply_fn`` and ``attack``.
 
   Args:
     apply_fn: the network.
