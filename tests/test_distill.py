@@ -429,6 +429,22 @@ def test_trajectory_chunk_runs_resumes_and_checkpoints_like_the_interleaved_run(
   assert chunk_summary["trajectory_chunk"] == 2
 
 
+@pytest.mark.parametrize("epochs", [12, 2])
+def test_evaluation_rate_decays_as_multistep_lr_at_its_milestone_epochs(epochs):
+  # PyTorch's MultiStepLR, stepped once per epoch: epoch e trains at lr * gamma^(milestones
+  # <= e), milestones int(f * epochs); at 2 epochs both land on epoch 1 and decay twice.
+  protocol = evaluate.Protocol(epochs=epochs, momentum=0.0, weight_decay=0.0)
+  steps_per_epoch = 3
+  optimizer = evaluate.optimizer(protocol, steps_per_epoch)
+  params = jnp.zeros(())
+  state = optimizer.init(params)
+  milestones = [int(f * epochs) for f in protocol.milestones]
+  for step in range(epochs * steps_per_epoch):
+    update, state = optimizer.update(jnp.ones(()), state, params)
+    decays = sum(m <= step // steps_per_epoch for m in milestones)
+    assert -float(update) == pytest.approx(protocol.learning_rate * protocol.gamma**decays)
+
+
 def test_evaluation_step_runs_fast_in_a_loop():
   config = distill_configs.get_config("small")
   dataset = runner.load_data(config)

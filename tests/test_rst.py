@@ -306,6 +306,17 @@ def test_finetuning_trains_only_the_kept_weights(digits, tiny_network):
     assert changed[np.asarray(keep)].mean() > 0.5
 
 
+def test_even_batch_size_keeps_the_batch_count_and_pads_under_one_example_per_batch():
+  assert rst.even_batch_size(359, 500) == 359 and rst.even_batch_size(1000, 300) == 250
+  for num_examples in range(1, 400, 7):
+    for batch_size in (1, 2, 50, 128, 500):
+      even = rst.even_batch_size(num_examples, batch_size)
+      batches = -(-num_examples // even)
+      assert even <= min(batch_size, num_examples)
+      assert batches == -(-num_examples // min(batch_size, num_examples))
+      assert batches * even - num_examples < batches
+
+
 def test_switch_draws_one_ticket_per_batch_or_per_example():
   def constant(params, batch_stats, x, train, key=None):
     return jnp.broadcast_to(params["logits"], (x.shape[0], 3)), batch_stats
