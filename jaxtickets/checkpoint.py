@@ -114,7 +114,16 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, tree: PyTree) -> None:
-    """Saves ``tree`` as ``step`` and waits until it is on disk (a kill after this keeps it)."""
+    """Saves ``tree`` as ``step`` and waits until it is on disk (a kill after this keeps it).
+
+    Raises:
+      UserError: a leaf is a typed PRNG key (``jax.random.key``): orbax stores its raw data,
+        which would not restore into the same template; keep raw keys (``PRNGKey``) in states.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      if hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        raise UserError(f"checkpoint leaf {_leaf_name(path)!r} is a typed PRNG key; store raw "
+                        "keys (jax.random.PRNGKey or jax.random.key_data) instead")
     self._manager.save(int(step), args=ocp.args.StandardSave(tree))
     self._manager.wait_until_finished()
 

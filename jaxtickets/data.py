@@ -168,14 +168,17 @@ def load_dataset(
   if normalization not in NORMALIZATIONS:
     raise UserError(f"unknown normalization {normalization!r}; known: "
                     f"{', '.join(NORMALIZATIONS)}")
-  if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
+  if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                 or image_size <= 0):
     raise UserError(f"image_size={image_size!r}; expected a positive int or None")
+  canonical_stats = None  # Published statistics, for TFDS's CIFAR (not an npz of that name).
   if name == "digits":
     if image_size is not None and image_size not in DIGITS_IMAGE_SIZES:
       raise UserError(f"image_size={image_size!r} for digits; choose one of {DIGITS_IMAGE_SIZES}")
     splits, num_classes = _load_digits()
   elif name in TFDS_NAMES:
     splits, num_classes = _load_tfds(name, data_dir)
+    canonical_stats = _CANONICAL_STATS.get(name)
   elif name.startswith("npz:"):
     path = pathlib.Path(name.removeprefix("npz:"))
     splits, num_classes = _load_npz(path)
@@ -192,8 +195,8 @@ def load_dataset(
     if len(mean) != channels:
       raise UserError(f"normalization {normalization!r} has {len(mean)} channels; {name} images "
                       f"have {channels}")
-  elif name in _CANONICAL_STATS:
-    mean, std = _CANONICAL_STATS[name]
+  elif canonical_stats is not None:
+    mean, std = canonical_stats
   else:
     mean, std = _channel_stats(splits["train"].images)
   return Dataset(name=name, train=splits["train"], test=splits["test"], val=splits.get("val"),

@@ -69,11 +69,16 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
     <evaluate's names>}``).
 
   Raises:
-    UserError: a ``step_size`` below 1, or counts (the restored step included: a checkpoint of
-      another schedule) that are not multiples of it.
+    UserError: counts that are not ints (``num_steps`` >= 0, the others >= 1), or that are not
+      multiples of ``step_size`` (the restored step included: a checkpoint of another
+      schedule).
   """
   started = time.perf_counter()
+  errors.check_int("num_steps", num_steps, minimum=0)
+  errors.check_int("eval_every", eval_every)
   errors.check_int("step_size", step_size)
+  if steps_per_call is not None:
+    errors.check_int("steps_per_call", steps_per_call)
   steps_per_call = steps_per_call or default_steps_per_call()
   log = checkpointer = None
   if workdir is not None:

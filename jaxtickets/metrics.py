@@ -46,8 +46,14 @@ def roc_auc(scores: jax.Array, labels: jax.Array) -> jax.Array:
 
   Returns:
     f32[]; NaN when a class has no positive or no negative example, or a score is NaN.
+
+  Raises:
+    UserError: scores f32[N, 1] (ambiguous: one class's column or the positive scores).
   """
   scores = jnp.asarray(scores, jnp.float32)
+  if scores.ndim == 2 and scores.shape[1] == 1:
+    raise UserError("roc_auc got scores f32[N, 1]: pass the positive class's scores as f32[N], "
+                    "or one column per class")
   if scores.ndim == 1:
     return _binary_auc(scores, labels == 1)
   if scores.shape[1] == 2:

@@ -42,6 +42,15 @@ def test_restore_into_other_shapes_is_a_user_error(tmp_path):
   assert "\n" not in str(err.value)
 
 
+def test_typed_prng_keys_are_refused_before_anything_is_written(tmp_path):
+  # orbax stores a typed key's raw data, which would not restore into the same template.
+  with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+    with pytest.raises(UserError, match="'state.key' is a typed PRNG key") as err:
+      ckpt.save(1, {"state": {"key": jax.random.key(0), "w": jnp.ones(2)}})
+    assert ckpt.latest_step() is None
+  assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("damaged", ["_METADATA", "data"])
 def test_a_damaged_checkpoint_is_a_user_error(tmp_path, damaged):
   with checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:

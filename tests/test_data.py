@@ -172,6 +172,15 @@ def test_npz_small_file_loads_and_missing_file_errors(tmp_path):
                               "absent.npz")
 
 
+def test_an_npz_named_like_cifar10_gets_its_own_statistics(tmp_path):
+  # The published CIFAR statistics belong to TFDS's CIFAR, not to any file of that name.
+  path = tmp_path / "cifar10.npz"
+  np.savez(path, **_medmnist_arrays())
+  dataset = data.load_dataset(f"npz:{path}")
+  assert len(dataset.mean) == 1
+  np.testing.assert_allclose(dataset.mean, [dataset.train.images.mean() / 255], rtol=1e-5)
+
+
 def test_a_named_normalization_replaces_the_measured_statistics(tmp_path):
   rng = np.random.default_rng(0)
   path = tmp_path / "rgb.npz"

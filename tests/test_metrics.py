@@ -65,6 +65,14 @@ def test_one_vs_rest_macro_matches_sklearn():
       expected, abs=1e-6)
 
 
+def test_a_single_score_column_is_refused_not_read_as_class_0():
+  # One-vs-rest would score class 0 with it: the AUC of the positive class, inverted.
+  labels = jnp.asarray([0, 1, 1, 0, 1])
+  scores = jnp.asarray([0.1, 0.8, 0.7, 0.3, 0.9])
+  assert float(metrics.roc_auc(scores, labels)) == pytest.approx(1.0)
+  assert_one_line_user_error(lambda: metrics.roc_auc(scores[:, None], labels), "f32[N, 1]")
+
+
 def test_metrics_log_truncates_for_resume(tmp_path):
   log = metrics.MetricsLog(tmp_path / "m.jsonl")
   for step in (10, 20, 30):

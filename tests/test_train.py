@@ -161,6 +161,17 @@ def test_fit_redoes_records_past_its_last_checkpoint(tmp_path):
   assert (metrics.MetricsLog(tmp_path / "killed" / "metrics.jsonl").read() == redone)
 
 
+@pytest.mark.parametrize("counts, fragment", [
+    ({"eval_every": 0}, "eval_every=0"), ({"num_steps": 4.0}, "num_steps=4.0"),
+    ({"steps_per_call": -1}, "steps_per_call=-1"), ({"step_size": 3}, "multiples of step_size 3")])
+def test_fit_refuses_counts_it_cannot_run(counts, fragment):
+  data = train_lib.Data(jnp.zeros((4, 2, 2, 1), jnp.uint8), jnp.arange(4, dtype=jnp.int32))
+  initial = Counter(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+  arguments = {"num_steps": 4, "eval_every": 2, **counts}
+  assert_one_line_user_error(lambda: loop.fit(lambda state, data: (state, {}), initial, data,
+                                              progress=False, **arguments), fragment)
+
+
 def test_fit_sums_wall_seconds_over_resumed_runs(tmp_path):
   def step(state, data):
     return Counter(state.step + 1, state.total + jnp.sum(data.labels)), {"total": state.total}
