@@ -379,7 +379,8 @@ def _attempt(measure: Callable[[], dict[str, Any]], identity: dict[str, Any],
 def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any]], None],
                   parts: Sequence[str] = DEFAULT_PARTS) -> dict[str, Any]:
   """Times ``parts`` (see module docstring; "evaluation" includes the PyTorch baseline), prints
-  the tables, and saves the report after each measurement."""
+  the tables, and saves the report after each measurement; the PyTorch baseline and the
+  evaluation run before the outer variants, which take most of a run's time."""
   device = jax.devices()[0]
   print(f"{device.device_kind} ({device.platform}), jax {jax.__version__}; ConvNet-3 width "
         f"{settings.width}, {settings.image_size}x{settings.image_size}x3, IPC {IPC}",
@@ -391,6 +392,42 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
   variants = [OuterVariant.parse(text) for text in settings.outer] if "outer" in parts else []
   evaluations = [_evaluation_variant(text) for text in settings.evaluation] \
       if "evaluation" in parts else []
+  # The baseline and the (short) evaluation first, so that a time limit stopping the outer
+  # variants keeps them.
+  torch_speed = None
+  if evaluations and common.torch_cuda_available():
+    torch_speed = time_torch_evaluation(settings)
+    report["torch"] = {"images_per_s": torch_speed, "nets": settings.torch_nets,
+                       "steps_per_net": settings.torch_steps, "dtype": "float32"}
+    print(f"\nPyTorch eager fp32 (the reference's precision), one net after another: "
+          f"{torch_speed:,.0f} images/s", flush=True)
+    save(report)
+  elif evaluations:
+    print("\nPyTorch baseline skipped: torch with CUDA is not importable")
+  if evaluations:
+    print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
+    print(f"{'dtype':<9}{'N':>3}  {'strategy':<14}{'images/s':>12}{'ms/step':>10}"
+          f"{'host waits':>12}")
+  for dtype, num_nets, conv_impl in evaluations:
+    result = _attempt(functools.partial(time_evaluation, settings, num_nets, dtype, conv_impl),
+                      {"num_nets": num_nets, "dtype": dtype, "conv_impl": conv_impl},
+                      f"{dtype:<9}{num_nets:>3}  {conv_impl:<14}")
+    report["evaluation"].append(result)
+    if "error" not in result:
+      strategy = result["strategy"] + common.impl_suffix(conv_impl)
+      print(f"{dtype:<9}{num_nets:>3}  {strategy:<14}{result['images_per_s']:>12,.0f}"
+            f"{result['step_ms']:>10.2f}{len(result['host_waits']):>12}", flush=True)
+    save(report)
+  if torch_speed is not None:
+    largest = max(num_nets for _, num_nets, _ in evaluations)
+    speedups = {result["dtype"] + common.impl_suffix(result["conv_impl"]):
+                result["images_per_s"] / torch_speed for result in report["evaluation"]
+                if result["num_nets"] == largest and "error" not in result}
+    report["torch"][f"speedup_of_{largest}_nets"] = speedups
+    print(f"{largest} nets as one population over PyTorch one at a time: "
+          + ", ".join(f"{dtype} {ratio:.1f}x" for dtype, ratio in speedups.items())
+          + " (target >= 10x)")
+    save(report)
   if variants:
     print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations; net_steps 0 "
           "times the matching alone):")
@@ -410,42 +447,12 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
             f"{result['projected_s'] / 60:>12.1f} min for "
             f"{result['projected_outer_iterations']:.0f} outer", flush=True)
     save(report)
-  if evaluations:
-    print("\nEvaluation nets trained as one population (batch 64, DSA + CutMix):")
-    print(f"{'dtype':<9}{'N':>3}  {'strategy':<14}{'images/s':>12}{'ms/step':>10}"
-          f"{'host waits':>12}")
-  for dtype, num_nets, conv_impl in evaluations:
-    result = _attempt(functools.partial(time_evaluation, settings, num_nets, dtype, conv_impl),
-                      {"num_nets": num_nets, "dtype": dtype, "conv_impl": conv_impl},
-                      f"{dtype:<9}{num_nets:>3}  {conv_impl:<14}")
-    report["evaluation"].append(result)
-    if "error" not in result:
-      strategy = result["strategy"] + common.impl_suffix(conv_impl)
-      print(f"{dtype:<9}{num_nets:>3}  {strategy:<14}{result['images_per_s']:>12,.0f}"
-            f"{result['step_ms']:>10.2f}{len(result['host_waits']):>12}", flush=True)
-    save(report)
   if "precision" in parts:
     print(f"\nEvaluation accuracy by compute dtype ({settings.precision_dataset}, "
           f"{settings.precision_epochs} epochs, 5 nets; final test accuracy %):")
     print(f"{'dtype':<10}{'set':<22}{'images':>7}{'accuracy':>17}{'seconds':>9}")
     report["precision"] = evaluation_accuracy(settings.precision_dataset, settings.precision_dtypes,
                                               settings.precision_epochs)
-    save(report)
-  if evaluations and common.torch_cuda_available():
-    torch_speed = time_torch_evaluation(settings)
-    largest = max(num_nets for _, num_nets, _ in evaluations)
-    speedups = {result["dtype"] + common.impl_suffix(result["conv_impl"]):
-                result["images_per_s"] / torch_speed for result in report["evaluation"]
-                if result["num_nets"] == largest and "error" not in result}
-    report["torch"] = {"images_per_s": torch_speed, "nets": settings.torch_nets,
-                       "steps_per_net": settings.torch_steps, "dtype": "float32",
-                       f"speedup_of_{largest}_nets": speedups}
-    print(f"\nPyTorch eager fp32 (the reference's precision), one net after another: "
-          f"{torch_speed:,.0f} images/s; {largest} nets as one population: "
-          + ", ".join(f"{dtype} {ratio:.1f}x" for dtype, ratio in speedups.items())
-          + " (target >= 10x)")
-  elif evaluations:
-    print("\nPyTorch baseline skipped: torch with CUDA is not importable")
   save(report)
   return report
 

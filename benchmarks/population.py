@@ -278,6 +278,17 @@ def run_benchmark(settings: Settings, models: Sequence[str], quick: bool,
   data = train_lib.device_data(
       common.synthetic_split(settings.num_examples, IMAGE_SHAPE, NUM_CLASSES))
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}")
+  torch_report = None
+  if "convnet3" in models and common.torch_cuda_available():
+    # First, so that a time limit stopping the (many) JAX configurations keeps the baseline.
+    convnet = settings.models["convnet3"]
+    torch_report = {"members": settings.torch_members, "steps_per_model": settings.torch_steps,
+                    "batch_size": convnet.batch_size, "speedup": {},
+                    "images_per_s": {dtype: time_torch_convnet3(dtype, settings)
+                                     for dtype in convnet.dtypes}}
+    print(f"PyTorch eager, {settings.torch_members} ConvNet-3 one after another: "
+          + ", ".join(f"{dtype} {speed:,.0f} images/s"
+                      for dtype, speed in torch_report["images_per_s"].items()), flush=True)
   print(f"{_HEADER}\n{'-' * len(_HEADER)}", flush=True)
   results = []
   for model_name in models:
@@ -287,24 +298,18 @@ def run_benchmark(settings: Settings, models: Sequence[str], quick: bool,
         for result in time_strategies(model_name, dtype, num_members, data, settings):
           print(_row(result), flush=True)
           results.append(result)
-          save(_report(settings, quick, results, None))
+          save(_report(settings, quick, results, torch_report))
   best = fastest(results)
   print("\nfastest strategy per (model, dtype, N):")
   for (model_name, dtype, num_members), result in best.items():
     print(f"  {model_name} {dtype} N={num_members}: {_strategy_label(result)} "
           f"({result.images_per_s:,.0f} images/s)")
 
-  torch_report = None
-  if "convnet3" in models and common.torch_cuda_available():
-    convnet = settings.models["convnet3"]
-    torch_report = {"members": settings.torch_members, "steps_per_model": settings.torch_steps,
-                    "batch_size": convnet.batch_size, "images_per_s": {}, "speedup": {}}
+  if torch_report is not None:
     largest = max(convnet.members)
     print(f"\nPyTorch eager, {settings.torch_members} ConvNet-3 one after another, "
           f"vs the fastest population of N={largest}:")
-    for dtype in convnet.dtypes:
-      torch_speed = time_torch_convnet3(dtype, settings)
-      torch_report["images_per_s"][dtype] = torch_speed
+    for dtype, torch_speed in torch_report["images_per_s"].items():
       population_best = best.get(("convnet3", dtype, largest))
       if population_best is None:
         print(f"  {dtype}: PyTorch {torch_speed:,.0f} images/s; no population result")

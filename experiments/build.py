@@ -72,15 +72,26 @@ def _check_schedule_name(config: ml_collections.ConfigDict, prefix: str = "") ->
 
 
 def dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-  image_size = config.image_size if config.dataset == "digits" else None
-  return data_lib.load_dataset(config.dataset, data_dir=config.data_dir, image_size=image_size,
-                               normalization=config.normalization)
+  return data_lib.load_dataset(config.dataset, data_dir=config.data_dir,
+                               image_size=config.image_size, normalization=config.normalization)
 
 
 def model_options(config: ml_collections.ConfigDict, **overrides) -> dict[str, Any]:
   """The keyword options every model of ``config`` is built with: ``model_options``, ``dtype``
-  and ``overrides`` (which win)."""
-  return {**config.model_options.to_dict(), "dtype": config.dtype, **overrides}
+  and what the study sets itself (``overrides``).
+
+  Raises:
+    UserError: ``model_options`` sets an option to another value than ``dtype`` or the study
+      does (it would be ignored).
+  """
+  options = config.model_options.to_dict()
+  fixed = {"dtype": config.dtype, **overrides}
+  for name, value in fixed.items():
+    if name in options and options[name] != value:
+      source = "the config's dtype" if name == "dtype" else "this study"
+      raise UserError(f"model_options.{name}={options[name]!r} would be ignored: {source} sets "
+                      f"{name}={value!r}")
+  return {**options, **fixed}
 
 
 def model(config: ml_collections.ConfigDict, num_classes: int, **overrides):

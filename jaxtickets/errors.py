@@ -6,6 +6,7 @@ status 2; library callers get an ordinary ``ValueError`` subclass they can catch
 
 import argparse
 import contextlib
+import math
 import numbers
 import sys
 from collections.abc import Iterator
@@ -30,9 +31,9 @@ def check_int(name: str, value: Any, minimum: int = 1) -> None:
 
 def check_number(name: str, value: Any, minimum: float, maximum: float | None = None, *,
                  strict: bool = False) -> None:
-  """Raises UserError naming ``name`` unless ``value`` is a real number >= ``minimum`` (> with
-  ``strict``) and, if given, <= ``maximum``; NaN and bools fail."""
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+  """Raises UserError naming ``name`` unless ``value`` is a finite real number >= ``minimum``
+  (> with ``strict``) and, if given, <= ``maximum``; NaN, infinities and bools fail."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
       or not (value > minimum if strict else value >= minimum)
       or (maximum is not None and not value <= maximum)):
     expected = f"{'>' if strict else '>='} {minimum}"

@@ -168,6 +168,11 @@ def test_npz_small_file_loads_and_missing_file_errors(tmp_path):
   assert small.name == "small" and small.num_classes == 3 and small.val is None
   assert small.image_shape == (5, 5, 1)
   assert data.load_dataset(f"npz:{path}", image_size=10).image_shape == (10, 10, 1)
+  # A config's image_size resizes any source, not only digits (a preset's size was dropped).
+  from experiments import build  # noqa: PLC0415
+  from experiments.configs import common  # noqa: PLC0415
+  assert build.dataset(common.training(dataset=f"npz:{path}", image_size=10)).image_shape == (
+      10, 10, 1)
   assert_one_line_user_error(lambda: data.load_dataset(f"npz:{tmp_path / 'absent.npz'}"),
                               "absent.npz")
 

@@ -434,6 +434,7 @@ def test_bad_input_raises_one_line_user_errors():
     "eval.pgd_steps=0", "eval.step_size=-0.01", "eval.attacks=('cw',)", "epochs=0",
     "weight_init='kaiming'", "strategy='pmap'", "keep_ratios=None", "eval.attacks=None",
     "val_fraction=None", "val_fraction=1", "natural_baseline=None", "keep_ratios=(0.3, 0.3)",
+    "model_options.norm='group'",
     "strategy='shard'",
     ("dense_baseline.enabled=True", "dense_baseline.model_options.norm='bn'"),
     ("finetune.epochs=1", "finetune.weight_init='kaiming'"),

@@ -161,6 +161,21 @@ def test_fit_redoes_records_past_its_last_checkpoint(tmp_path):
   assert (metrics.MetricsLog(tmp_path / "killed" / "metrics.jsonl").read() == redone)
 
 
+def test_evaluate_in_batches_that_do_not_divide_the_split_is_exact(digits):
+  def linear(params, batch_stats, x, train, key=None):
+    return x.reshape(x.shape[0], -1) @ params["w"], batch_stats
+
+  params = {"w": jax.random.normal(jax.random.key(0), (64, 10)) * 0.1}
+  test = train_lib.device_data(digits.test)
+  assert len(digits.test.labels) % 7
+  batched = train_lib.evaluate(linear, params, {}, test, batch_size=7)
+  whole = train_lib.evaluate(linear, params, {}, test, batch_size=len(digits.test.labels))
+  logits = linear(params, {}, data_lib.to_unit(test.images), False)[0]
+  expected = float(np.mean(np.argmax(logits, -1) == np.asarray(test.labels)))
+  assert float(batched["accuracy"]) == pytest.approx(expected) and 0.02 < expected < 0.98
+  np.testing.assert_allclose(batched["loss"], whole["loss"], rtol=1e-5)
+
+
 @pytest.mark.parametrize("counts, fragment", [
     ({"eval_every": 0}, "eval_every=0"), ({"num_steps": 4.0}, "num_steps=4.0"),
     ({"steps_per_call": -1}, "steps_per_call=-1"), ({"step_size": 3}, "multiples of step_size 3")])
@@ -234,6 +249,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, override, mes
     ("schedule='step'", "unknown schedule 'step'"), ("seed=-1", "seed=-1"),
     ("seed=4294967296", "seed=4294967296"), ("batch_size=None", "batch_size=None"),
     ("model_options=None", "model_options=None"), ("dataset=None", "dataset=None"),
+    ("learning_rate=1e999", "learning_rate=inf"),
+    ("model_options.dtype='float16'", "model_options.dtype='float16' would be ignored"),
     # Refused by the model after the workdir was claimed: the failed command removes it.
     ("model_options.depth=0", "no conv units"),
 ])

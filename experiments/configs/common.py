@@ -22,14 +22,14 @@ def select(presets: Mapping[str, Callable[[], ml_collections.ConfigDict]],
 def training(**values) -> ml_collections.ConfigDict:
   """The fields every trainer reads through ``experiments/build.py``, with ``values`` applied.
 
-  Data (``dataset``, ``data_dir``, ``image_size`` for digits, ``normalization``), model (``model``,
+  Data (``dataset``, ``data_dir``, ``image_size``, ``normalization``), model (``model``,
   ``model_options``, ``dtype``), SGD and its schedule, augmentation and seed.
   """
   c = ml_collections.ConfigDict()
   c.dataset = "digits"
   # For tfds datasets; None: $TFDS_DATA_DIR. Typed, so that --set keeps a numeric name a string.
   c.data_dir = ml_collections.config_dict.placeholder(str)
-  c.image_size = None  # digits only: 8, 16 or 32.
+  c.image_size = None  # Resize every split to this (digits: 8, 16 or 32); None: as stored.
   # "dataset" (its own statistics), "cifar10" or "cifar10_common" (jaxtickets.data.NORMALIZATIONS).
   c.normalization = "dataset"
   c.model = "convnet3"

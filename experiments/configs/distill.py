@@ -21,7 +21,7 @@ Presets (``method`` is switchable: ``--set method=idc`` / ``dc`` / ``dsa`` / ``d
   ConvNet-3 of width 16, 8 outer x 10 inner iterations with 2 net steps each, a pool of 3 nets
   pretrained 2 epochs, evaluation of 4 nets for 150 epochs, and the random-real baseline.
 - ``cifar10_subset``: the CPU measurement of Acc-DD vs IDC (2 cores, 2-6 min a run): the
-  ``digits`` schedule on a stratified 10% of CIFAR-10's training split (5,000 images) at 16x16,
+  ``digits`` schedule on a stratified 10% of CIFAR-10's training split (5,000 images) at 32x32,
   full test split, flips back in every augmentation, IDC-I's start (``init=real``, factor 1: the
   stored set starts as the random-real baseline, leaving the distillation room to show) and
   lr_img 1e-2 for IDC and Acc-DD alike (``image_lr``; DC/DSA/DM read it in normalized space);
@@ -151,6 +151,7 @@ def _cifar10_subset() -> ml_collections.ConfigDict:
   c.dataset = "cifar10"
   c.normalization = "cifar10_common"
   c.train_fraction = 0.1
+  c.image_size = None  # CIFAR-10 as stored (32x32); the digits preset resizes to 16.
   c.outer_iterations = 20
   c.method_overrides.factor = 1
   c.method_overrides.init = "real"
