@@ -16,8 +16,8 @@ Presets (``method`` is switchable: ``--set method=idc`` / ``dc`` / ``dsa`` / ``d
   std 0.2023, 0.1994, 0.2010), the units of DSA's brightness range and of DC/DSA/DM's image learning
   rates. The CIFAR sources are TFDS names; point ``dataset`` at ``npz:.../cifar10_jpeg.npz`` to read
   the JPEG-packed CIFAR-10.
-- ``digits``: the demo's CPU run (223 s measured on 2 cores shared with other jobs, load ~4):
-  Acc-DD on the 16x16 digits, IPC 10,
+- ``digits``: the demo's CPU run (84 s on 2 cores, compilation included): Acc-DD on the 16x16
+  digits, IPC 10,
   ConvNet-3 of width 16, 8 outer x 10 inner iterations with 2 net steps each, a pool of 3 nets
   pretrained 2 epochs, evaluation of 4 nets for 150 epochs, and the random-real baseline.
 - ``cifar10_subset``: the CPU measurement of Acc-DD vs IDC (2 cores, 2-6 min a run): the
