@@ -90,8 +90,9 @@ class Dataset:
     test: the test split.
     val: the validation split, or None when the source has none (see :func:`with_validation`).
     num_classes: number of classes; labels lie in [0, num_classes).
-    mean: per-channel mean of training pixels scaled to [0, 1], length C.
-    std: per-channel standard deviation of training pixels scaled to [0, 1], length C.
+    mean: per-channel mean of pixels scaled to [0, 1], length C: of the training pixels, or the
+      fixed values of a named normalization / TFDS's CIFAR (see :func:`load_dataset`).
+    std: the per-channel standard deviation, likewise.
   """
 
   name: str

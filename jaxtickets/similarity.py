@@ -14,8 +14,9 @@ directions SVCCA drops) get a gain near zero and cannot produce spurious correla
 relative (as in google/svcca, which scales covariances before adding epsilon) so it does not depend
 on the activations' units.
 
-The public functions check shapes in Python and run jitted cores; they can also be traced inside a
-caller's ``jax.jit``.
+The public functions check shapes in Python and run jitted cores; :func:`cca`, :func:`svcca` and
+:func:`pwcca` can also be traced inside a caller's ``jax.jit`` (:func:`layerwise_similarity`
+returns Python floats and cannot).
 """
 
 from __future__ import annotations

@@ -172,11 +172,14 @@ def check_keep_ratio(keep_ratio: Any) -> None:
   if _is_python_number(keep_ratio):
     return
   try:
-    values = np.asarray(keep_ratio, np.float64).reshape(-1)
+    values = np.asarray(keep_ratio)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
     return
   except (TypeError, ValueError):
-    raise UserError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}") from None
+    values = None
+  if values is None or values.dtype.kind not in "iuf":  # strings would convert silently
+    raise UserError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
+  values = values.astype(np.float64).reshape(-1)
   bad = values[~((values > 0) & (values <= 1))]
   if bad.size:
     raise UserError(f"keep_ratio must be in (0, 1], got {float(bad[0])!r} "

@@ -480,6 +480,8 @@ def test_bad_input_raises_one_line_user_error():
   assert_one_line_user_error(lambda: get_model("vgg16", num_classes=10, dtype=jnp.int8), "int8")
   assert_one_line_user_error(lambda: get_model("vgg16", num_classes=10, dtype=3), "3")
   assert_one_line_user_error(lambda: get_model("vgg16", num_classes=10, kernel_init="he"), "he")
+  assert_one_line_user_error(lambda: get_model("resnet20", num_classes=10, use_bias="yes"),
+                             "use_bias='yes'")
   assert_one_line_user_error(lambda: get_model("vgg16", num_classes=10, head_init="ones"),
                              "head_init", "ones")
   assert_one_line_user_error(lambda: get_model("vgg16", num_classes=0), "num_classes")

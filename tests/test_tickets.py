@@ -121,7 +121,7 @@ def test_traced_kept_count_matches_python_for_random_sizes(numel, millionths):
   assert int(tickets.kept_count(numel, jnp.float32(ratio))) == _reference_kept(numel, ratio)
 
 
-@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), True])
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), True, "0.5", [0.5, "0.5"]])
 def test_bad_python_keep_ratio_raises_one_line_error(bad):
   with pytest.raises(UserError) as error:
     tickets.kept_count(100, bad)

@@ -12,7 +12,8 @@
     absolute differences) over conv kernels only (no classifier, biases or norm params).
 
 * Distribution matching (DM): the squared distance between the mean embeddings (the features the
-  classifier reads) of the real batch and of the synthetic images (:func:`distribution_match`).
+  classifier reads, for ConvNet-3; see :func:`embedding_fn`) of the real batch and of the
+  synthetic images (:func:`distribution_match`).
 
 A class objective is ``(params, batch_stats, real_x, real_y, syn_x, syn_y) -> f32[]``; the real
 gradient (or embedding) is a constant, the synthetic one is differentiated through (second
@@ -140,10 +141,12 @@ def gradient_match(apply_fn: train_lib.ApplyFn, distance: Callable[[PyTree, PyTr
 
 
 def embedding_fn(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> EmbedFn:
-  """``(params, batch_stats, x f32[B, H, W, C] pixels) -> f32[B, D]``: the classifier's input.
+  """``(params, batch_stats, x f32[B, H, W, C] pixels) -> f32[B, D]``: DM's embedding.
 
   The output of the last top-level module before ``head`` (``model.block_names[-2]``),
-  flattened; train-mode norms, running statistics not advanced.
+  flattened; train-mode norms, running statistics not advanced. For ConvNet-3 (DM's net) that
+  is exactly what the classifier reads; for a model that pools globally in its head (ResNets)
+  it is the feature map before that pooling.
   """
   feature_block = model.block_names[-2]
 

@@ -73,7 +73,9 @@ def get_model(name: str, *, num_classes: int, **options) -> nn.Module:
     ``f32[B, num_classes]``.
 
   Raises:
-    UserError: unknown name, unknown option, or an option value no layer understands.
+    UserError: unknown name or option, or a bad value of an option every model shares (norm,
+      dtype, initializers, width, use_bias, head_bias, conv_impl). An architecture's own
+      options (``depth``, ``block``, ``stage_sizes``, ...) are not checked here.
   """
   known = model_options(name)
   unknown = sorted(set(options) - set(known))
@@ -98,7 +100,8 @@ def block_outputs(model: nn.Module, variables: dict, x: jax.Array, *,
     train: run norms in training mode (batch statistics).
 
   Returns:
-    {name: f[B, ...]} in forward order; "head" holds the f32[B, num_classes] logits.
+    {name: f[B, ...]}; "head" holds the f32[B, num_classes] logits. In forward order when run
+    eagerly; a jitted call returns the dict sorted by name (``model.block_names`` has the order).
   """
   _, state = model.apply(variables, x, train=train, mutable=["intermediates", "batch_stats"])
   return state["intermediates"][BLOCK_OUTPUTS]

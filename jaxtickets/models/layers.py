@@ -185,6 +185,9 @@ def check_options(model: nn.Module) -> None:
     if value not in INITIALIZER_NAMES and not (option == "stem_init" and value is None):
       raise UserError(f"unknown {option} {value!r}; known: {', '.join(INITIALIZER_NAMES)}")
   errors.check_int("width", model.width)
+  for option in ("use_bias", "head_bias"):
+    if not isinstance(getattr(model, option), bool):
+      raise UserError(f"{option}={getattr(model, option)!r}; expected True or False")
   if model.conv_impl not in CONV_IMPLS:
     raise UserError(f"unknown conv_impl {model.conv_impl!r}; known: {', '.join(CONV_IMPLS)}")
 
@@ -221,7 +224,8 @@ class Classifier(nn.Module):
     stem_init: the ``stem`` conv's initializer name; None: ``kernel_init`` (torchvision's CIFAR
       ResNets, for one, replace the stem after initializing the rest their way).
     head_init: classifier kernel initializer name.
-    width: base width (channels of the first stage); the architecture's default.
+    width: base width (the first stage's channels for most architectures; WRN's and
+      MobileNetV2's stem channels, see theirs); the architecture's default.
     conv_impl: "xla" (XLA's convolution: cuDNN on GPUs) or "im2col" (patches times kernel, one
       matrix product). Same function and params; "im2col" is for populations run by ``vmap``,
       where XLA's convolutions become slow grouped ones (``models.conv``), at the cost of
