@@ -557,6 +557,12 @@ def curves_figure(results: dict[str, Any]):
                               ylabel="test error", title="Error along the linear path")
 
 
+# How the report names ``pruning.rewind`` (with "init", LRR is IMP with rewinding to init).
+_REWIND_TEXT = {"none": " from the pruned network's trained weights",
+                "init": " from the run's starting weights under the new mask (rewinding: "
+                        "\"lrr\" is then IMP)"}
+
+
 def add_report_sections(report: report_lib.Report, results: dict[str, Any]) -> None:
   """The AWS section: pruning table, transfer table, findings, three figures."""
   epochs = results["epochs"]
@@ -568,11 +574,14 @@ def add_report_sections(report: report_lib.Report, results: dict[str, Any]) -> N
       f"{' and '.join(m.upper() for m in results['methods'])} pruned side by side as one "
       f"population: {epochs['warmup']} warm-up epochs, then {results['rounds']} rounds that "
       f"each remove {results['fraction']:.0%} of the surviving weights (global magnitude; "
-      f"classifier, biases and norms dense) and train {epochs['per_round']} epochs; each "
-      f"round's trained network is its ticket. Tickets transferred to a fresh init and trained "
+      f"classifier, biases and norms dense) and train {epochs['per_round']} epochs"
+      f"{_REWIND_TEXT[results['rewind']]}; each round's trained network is its ticket. "
+      f"Tickets transferred to a fresh init and trained "
       f"{epochs['transfer']} epochs as one population; "
       f"error barriers with BatchNorm recalibrated at each of the {results['lmc_points']} "
-      f"points of a path.")
+      f"points of a path (so a curve's end can differ from the pruning table's accuracy, "
+      f"which uses the running statistics of training, for AWS gathered under random "
+      f"interpolation).")
   report.text(findings_text(results["findings"]) + "\n")
   rows = []
   for method, curve in results["pruning"].items():

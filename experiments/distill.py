@@ -13,8 +13,9 @@ runs, each stage resumable in its own subdirectory of the workdir:
 
 It writes ``synthetic.npz`` (stored images f32[K, ipc, H, W, C] in [0, 1], labels, factor),
 ``synthetic.png`` (one row per class), ``results.json`` and ``report.md`` into the workdir;
-:func:`demo_section` adds the report section to the demo. Wall times are those of the stages
-run by this process (a resumed stage counts only what was left).
+:func:`demo_section` adds the report section to the demo. Wall times are each stage's training
+time with compilation, summed over the processes that ran it (``loop.fit``'s records), so a
+resumed run reports what the whole stage cost.
 """
 
 from __future__ import annotations
@@ -307,7 +308,8 @@ def evaluation_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
            "training images / class": results["decoded_per_class"],
            "outer iterations": distill_summary["outer_iterations"],
            "nets per update": distill_summary["num_models"],
-           "distill s": distill_summary["seconds"] + pool_seconds,
+           ("pool + distill s" if results["pool"] else "distill s"):
+               distill_summary["seconds"] + pool_seconds,
            "test accuracy": _mean_std(results["evaluation"]["distilled"])}]
   if "random_real" in results["evaluation"]:
     rows.append({"training set": "random real images", "stored images / class": results["ipc"],
@@ -329,7 +331,10 @@ def add_report_sections(report: report_lib.Report, results: dict[str, Any],
   pool = results["pool"]
   pool_text = (f" The {pool['size']} early-stage nets ({pool['epochs']} epochs on the real data) "
                f"reach {100 * pool['mean']:.1f}% test accuracy; each outer iteration draws one "
-               f"per matched net and perturbs it." if pool else "")
+               f"per matched net{' and perturbs it' if method['perturb'] else ''}."
+               if pool else "")
+  augmentation = " + ".join(
+      ["DSA"] * (protocol["strategy"] != "none") + ["CutMix"] * (protocol["mix_probability"] > 0))
   report.section(
       "Dataset distillation",
       f"{method['name']} on {results['dataset']} ({results['train_size']} training images, "
@@ -339,7 +344,8 @@ def add_report_sections(report: report_lib.Report, results: dict[str, Any],
       f"{distill_summary['outer_iterations']} outer x {distill_summary['inner_iterations']} "
       f"inner iterations with {distill_summary['num_models']} net(s) per update."
       f"{pool_text} Evaluation: {protocol['num_nets']} fresh {results['model']}s per set trained "
-      f"as one population for {protocol['epochs']} epochs (DSA + CutMix), final test accuracy "
+      f"as one population for {protocol['epochs']} epochs ({augmentation or 'no augmentation'}), "
+      f"final test accuracy "
       f"mean +- std over the nets, in %. Wall times: training with compilation, summed over "
       f"resumed runs; the last ran on {jax.devices()[0].device_kind}.")
   report.text(report_lib.markdown_table(evaluation_rows(results), float_format="{:.0f}"))

@@ -494,10 +494,11 @@ def findings(results: dict[str, Any]) -> str:
     lines.append(f"- PGD-{steps} test accuracy, adversarially vs naturally searched ticket at "
                  f"the same keep ratio (last epoch): {pairs}.")
   r2s = results["r2s"]
-  lines.append(f"- Transfer between RSTs of different ratios: off-diagonal mean "
-               f"{r2s['transfer_mean']:.3f} vs white-box diagonal mean "
-               f"{r2s['white_box_mean']:.3f}; the adaptive EOT attacker leaves R2S "
-               f"{r2s['eot_attacker']:.3f}.")
+  if len(results["keep_ratios"]) > 1:  # One ticket has no transfer to compare.
+    lines.append(f"- Transfer between RSTs of different ratios: off-diagonal mean "
+                 f"{r2s['transfer_mean']:.3f} vs white-box diagonal mean "
+                 f"{r2s['white_box_mean']:.3f}; the adaptive EOT attacker leaves R2S "
+                 f"{r2s['eot_attacker']:.3f}.")
   return "\n".join(lines)
 
 
@@ -524,7 +525,12 @@ def add_report_sections(report: report_lib.Report, results: dict[str, Any]) -> N
   """The RST + R2S section: per-ticket table, R2S table and the transfer heatmap."""
   attack = results["attack"]
   steps = attack["eval"]["pgd_steps"]
-  attack_names = ", ".join(_column_titles(steps)[name] for name in attack["eval"]["attacks"])
+  # The attacks that ran (APGD-DLR needs 3 classes: the evaluator drops it on fewer).
+  ran = results["tickets"]["rst"]["last"]
+  attacks = [name for name in attack["eval"]["attacks"] if name in ran]
+  attack_names = ", ".join(_column_titles(steps)[name] for name in attacks)
+  stepped = " and ".join(name.upper() for name in ("pgd", "cw") if name in attacks)
+  apgd = [name for name in attacks if name.startswith("apgd")]
   sizes = results["split_sizes"]
   report.section(
       "Robust Scratch Tickets and R2S",
@@ -533,8 +539,10 @@ def add_report_sections(report: report_lib.Report, results: dict[str, Any]) -> N
       f"ratios {results['keep_ratios']} drawn from one random network and searched as one "
       f"population for {results['epochs']} epochs with PGD-{attack['train']['num_steps']} "
       f"(eps {attack['train']['eps']:.4g}). Test accuracies under white-box attacks of eps "
-      f"{attack['eval']['eps']:.4g}: {attack_names} (PGD and CW step "
-      f"{attack['eval']['step_size']:.4g}, APGD {attack['eval']['apgd_steps']} steps). "
+      f"{attack['eval']['eps']:.4g}: {attack_names} ("
+      + ", ".join([f"{stepped} step {attack['eval']['step_size']:.4g}"] * bool(stepped)
+                  + [f"APGD {attack['eval']['apgd_steps']} steps"] * bool(apgd))
+      + "). "
       f"Checkpoints: the last epoch, and per ticket the epoch of best PGD-{steps} accuracy on the "
       f"validation split (never the test split).")
   report.text(findings(results) + "\n")

@@ -15,7 +15,9 @@ each stage resumable in its own subdirectory of the workdir:
    trained-from-random against two random seeds.
 
 ``results.json`` and ``report.md`` (AUC table, convergence curves, CCA by layer, first-layer
-filters, the paper's findings, each confirmed or not with its numbers) go into the workdir;
+filters, and the paper's findings with their numbers: transfer's AUC gain and convergence
+speed-up per model and regime, and a verdict on whether lower layers and larger models change
+less; the transfusion sweep and slim arms are in the table only) go into the workdir;
 :func:`demo_section` adds the same section to the demo.
 """
 
@@ -130,12 +132,18 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
   specs = model_specs(config)
   for field, allowed in (("arms", MAIN_ARMS), ("sweep_arms", SWEEP_ARMS)):
     errors.check_sequence(field, config[field], nonempty=field == "arms")
+    if len(set(config[field])) != len(config[field]):
+      raise UserError(f"{field}={tuple(config[field])!r} names an arm twice (it would train "
+                      "identical members)")
     unknown = sorted(set(config[field]) - set(allowed))
     if unknown:
       raise UserError(f"{field}={tuple(config[field])!r}; unknown {unknown[0]!r}, known: "
                       f"{', '.join(allowed)}")
   if "transfusion" in config.sweep_arms:
     errors.check_sequence("transfusion_blocks", config.transfusion_blocks)
+    if len(set(config.transfusion_blocks)) != len(config.transfusion_blocks):
+      raise UserError(f"transfusion_blocks={tuple(config.transfusion_blocks)!r} repeats a "
+                      "block count (it would train identical members)")
   if config.sweep_arms and config.model not in config.models:
     raise UserError(f"model={config.model!r} (the sweep model) is not among models="
                     f"{tuple(config.models)!r}")
@@ -279,7 +287,8 @@ class SourceModel:
       step = train_lib.make_train_step(self.apply_fn, optimizer, batch_size=settings.batch_size,
                                        augment=build.augment(settings))
       state, _ = loop.fit(step, state, train_lib.device_data(self.source.train),
-                          num_steps=steps, eval_every=steps, workdir=directory,
+                          num_steps=steps, eval_every=min(steps_per_epoch, steps),
+                          workdir=directory,
                           progress=progress,
                           description=f"pretrain {self.spec.name} on {self.source.name}")
       variables = _variables(state.params, state.batch_stats)
@@ -692,8 +701,8 @@ def _auc_gain(results: dict[str, Any], model: str, regime: str, arm: str) -> flo
 
 
 def findings(results: dict[str, Any]) -> str:
-  """The paper's findings on final AUC, convergence and how much each layer and model changes,
-  confirmed or not, read off ``results``."""
+  """The paper's findings on final AUC and convergence (numbers), and on how much each layer
+  and model changes (numbers and a verdict), read off ``results``."""
   lines = []
   gains = []
   for model, model_results in results["models"].items():

@@ -291,6 +291,7 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
     # Found from shapes before anything trains: the last unit's 1 x 1 map of one probe image.
     ("similarity.probe_size=1", "fewer datapoints (1) than neurons"),
     ("strategy='shard'", "cbr_tiny full (arms x seeds): 10 members"),
+    ("arms=('random', 'transfer', 'random')", "names an arm twice"),
 ])
 def test_cli_exits_2_on_bad_config(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)

@@ -14,8 +14,8 @@ Presets:
   ``ft_seed``s).
 - ``cifar100_mobilenetv2``: the same with MobileNetV2 (CIFAR strides) and lr 0.05.
 - ``cifar10_resnet20``: the same protocol on CIFAR-10 with ResNet-20, for quicker runs.
-- ``digits``: the demo's CPU run (30 s on 2 cores, compilation included): a ConvNet-3 of width 16 with
-  BatchNorm on the 8x8 digits; warm-up 4 epochs, 4 rounds that each remove half of the
+- ``digits``: the demo's CPU run (30 s on 2 cores, compilation included): a ConvNet-3 of width
+  16 with BatchNorm on the 8x8 digits; warm-up 4 epochs, 4 rounds that each remove half of the
   survivors and train 2 epochs (density 0.5^k), transfers from densities 0.25 and 0.0625
   trained 8 epochs, one seed.
 - ``cifar10_subset``: the digits protocol on a stratified 10% of CIFAR-10's training split

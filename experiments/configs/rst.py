@@ -11,9 +11,9 @@ Presets:
   where the reference takes 196, and the lr milestones fall at the same epochs. R2S's candidate
   ratios are not in the released code; (0.05, 0.07, 0.1, 0.15) is a choice around the paper's
   best ResNet-18 ratios.
-- ``digits``: the demo's CPU run (88 s on 2 cores, compilation included): three tickets of a ConvNet-3 of
-  width 32 on the 8x8 digits, 10 epochs, with the natural-search and dense adversarial baselines;
-  PGD-20, CW-20 and APGD-CE (30 steps) columns, validation every 2 epochs.
+- ``digits``: the demo's CPU run (88 s on 2 cores, compilation included): three tickets of a
+  ConvNet-3 of width 32 on the 8x8 digits, 10 epochs, with the natural-search and dense
+  adversarial baselines; PGD-20, CW-20 and APGD-CE (30 steps) columns, validation every 2 epochs.
 - ``small``: the tests' run (under a minute): two tickets of width 24, 5 epochs (fewer do not
   reliably separate adversarial from natural search), PGD-20 and APGD-CE columns, no dense
   baseline, one epoch of fine-tuning the selected tickets.
