@@ -335,6 +335,21 @@ def test_matching_over_models_and_classes_equals_single_losses_for_every_map(dig
   assert np.all(np.abs(np.asarray(grad)).sum(axis=(0, 2, 3, 4, 5)) > 0)
 
 
+def test_real_batches_hold_distinct_images_of_their_class_and_never_another(digits):
+  split = data_lib.Split(digits.train.images[:40], digits.train.labels[:40])
+  data = methods.distill_data(split, 10)
+  counts = np.bincount(split.labels, minlength=10)
+  labels = np.asarray(split.labels)
+  for batch_size in (int(counts.min()), int(counts.max()) + 2):
+    batch = np.asarray(methods.sample_real(KEY, data, batch_size))  # u8[K, batch, H, W, C]
+    for label in range(10):
+      # Which stored images were drawn: match pixels back to the split.
+      drawn = [int(np.flatnonzero((split.images == image).all(axis=(1, 2, 3)))[0])
+               for image in batch[label]]
+      assert np.all(labels[drawn] == label)
+      assert len(set(drawn)) == min(batch_size, counts[label])
+
+
 def small_program(method, **config_fields):
   """The ``small`` preset's distillation (step, state, data, config, method) for ``method``,
   with an untrained pool (Acc-DD) and ``config_fields`` set."""

@@ -310,15 +310,17 @@ def sample_real(key: jax.Array, data: DistillData, batch_size: int) -> jax.Array
   """u8[K, batch_size, H, W, C]: per class, ``batch_size`` distinct random real images.
 
   Each call draws afresh; IDC's class sampler walks a per-class shuffle (no image repeats
-  within a pass over the class), which differs only in how often an image can recur.
-  ``batch_size`` must not exceed the smallest class (see :func:`real_batch_size`).
+  within a pass over the class), which differs only in how often an image can recur. A
+  ``batch_size`` above a class's size repeats that class's images (never another class's);
+  the runner caps it at the smallest class (see :func:`real_batch_size`).
   """
   num_classes, max_count = data.class_index.shape
 
   def one_class(class_key, index, count):
     scores = jnp.where(jnp.arange(max_count) < count, jax.random.uniform(class_key, (max_count,)),
                        2.0)
-    return index[jnp.argsort(scores)[:batch_size]]
+    # Padded positions sort last; cycling through the class's own draws never reaches them.
+    return index[jnp.argsort(scores)[jnp.arange(batch_size) % count]]
 
   chosen = jax.vmap(one_class)(jax.random.split(key, num_classes), data.class_index,
                                data.class_count)
