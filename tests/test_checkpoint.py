@@ -77,7 +77,10 @@ def test_reads_silence_only_the_closed_loop_callbacks_of_an_aborted_restore(tmp_
   closed, other = RuntimeError("Event loop is closed"), RuntimeError("something else")
   for error in (closed, other):
     sys.unraisablehook(types.SimpleNamespace(exc_value=error))
-  assert [item.exc_value for item in seen] == [other]
+  # By identity: a late callback of the previous test's aborted read (same worker) may have
+  # reached ``seen`` before this test's first read installed the filter.
+  assert [item.exc_value for item in seen
+          if item.exc_value is closed or item.exc_value is other] == [other]
 
 
 def test_restore_without_checkpoint_is_a_user_error(tmp_path):
