@@ -149,15 +149,22 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
                     f"{tuple(config.models)!r}")
   if "random" not in config.arms:
     raise UserError(f"arms={tuple(config.arms)!r}; 'random' is the baseline and must be one")
+  arms_per_population = {}  # Of the regimes that run; times the seeds: the populations' sizes.
   for spec in specs:
     for regime in REGIMES:
-      for arm in arms_of(config, spec, regime):
+      arms = arms_of(config, spec, regime)
+      for arm in arms:
         if arm.num_blocks is not None:
           transfusion.check_num_blocks(arm.num_blocks, spec.block_names, arm=arm.kind)
+      runs = regime == "full" or config.reduced_fraction is not None
+      if runs:
+        arms_per_population[f"{spec.name} {regime} (arms x seeds)"] = len(arms)
       if slim_arm(config, spec, regime) is not None:
         transfusion.check_num_blocks(config.slim_blocks, spec.block_names, arm="slim",
                                      minimum=1)
         errors.check_number("slim_factor", config.slim_factor, 1)
+        if runs:
+          arms_per_population[f"{spec.name} {regime} slim (seeds)"] = 1
   if config.meanvar_norm_init not in transfusion.NORM_INITS:
     raise UserError(f"unknown meanvar_norm_init {config.meanvar_norm_init!r}; known: "
                     f"{', '.join(transfusion.NORM_INITS)}")
@@ -169,15 +176,8 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
     if config.reduced_fraction == 1:
       raise UserError("reduced_fraction=1 is the full regime; expected a value in (0, 1) or None")
   errors.check_number("convergence_fraction", config.convergence_fraction, 0, 1, strict=True)
-  regimes = ("full", "reduced") if config.reduced_fraction is not None else ("full",)
-  sizes = {}
-  for spec in specs:
-    for regime in regimes:
-      sizes[f"{spec.name} {regime} (arms x seeds)"] = (
-          len(arms_of(config, spec, regime)) * config.seeds)
-      if slim_arm(config, spec, regime) is not None:
-        sizes[f"{spec.name} {regime} slim (seeds)"] = config.seeds
-  build.check_population_sizes(config, sizes)
+  build.check_population_sizes(config, {name: count * config.seeds
+                                       for name, count in arms_per_population.items()})
   settings = config.similarity
   if (isinstance(settings.methods, str) or not settings.methods
       or set(settings.methods) - set(similarity.METHODS)):
