@@ -9,14 +9,16 @@ images held in device memory), so no dataset needs to be prepared:
    32x32x3, IPC 10, factor 2, ConvNet-3 width 128): 100 inner iterations, each a matching step
    over all classes (real batch 64, 40 decoded synthetic images per class, Siamese DSA, IDC's
    squared gradient distance, second-order backward) plus 32 SGD steps of the net on real data
-   with DSA + CutMix; 20 inner iterations are timed as one ``lax.scan`` and scaled to 100. The
+   with DSA + CutMix; 20 inner iterations are timed as one ``lax.scan`` and scaled to 100 (a
+   ``chunkC`` variant times C whole outer iterations per call). The
    net comes from a pool (randomly initialized here; pretraining does not change the cost) and
    is perturbed. Printed: seconds per outer iteration, compile seconds, the program's host waits
    (``jaxtickets.compiled``: conditionals and data-dependent loops, each a GPU-to-host round trip
-   per execution) and the projected time of the paper's 500 (target on an H100: < 10 min), for
+   per execution) and the projected time of the paper's 500 (target on an H100/H200: < 10 min), for
    the variants of ``Settings.outer`` / ``--outer`` (M nets per update, how the nets and classes
-   are mapped, compute dtype, net steps; by default M = 1 as the reference in float32 and
-   bfloat16, and M = 5 in bfloat16).
+   are mapped, compute dtype, net steps, convolutions, trajectory chunk; by default M = 1 as the
+   reference in float32 and bfloat16, and the setting of the distillation's
+   ``cifar10_ipc10_fast`` preset: bfloat16, vmapped classes, im2col, chunks of 10).
 2. **Evaluation throughput**: N = 1, 8, 32 ConvNet-3s (float32, and bfloat16 compute with
    float32 params) trained as one population on a decoded IPC-10 set (400 images), batch 64,
    per-sample DSA + CutMix, SGD; images/s over all nets.
@@ -96,7 +98,7 @@ class Settings:
   inner_iterations: int = 100
   timed_inner_iterations: int = 20
   outer: tuple[str, ...] = ("1/vmap/unroll/float32/32", "1/vmap/unroll/bfloat16/32",
-                            "5/vmap/unroll/bfloat16/32")
+                            "1/vmap/vmap/bfloat16/32/im2col/chunk10")
   evaluation: tuple[str, ...] = tuple(f"{dtype}/{n}" for dtype in ("float32", "bfloat16")
                                      for n in (1, 8, 32))
   eval_steps: int = 50
