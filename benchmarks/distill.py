@@ -18,7 +18,7 @@ images held in device memory), so no dataset needs to be prepared:
    the variants of ``Settings.outer`` / ``--outer`` (M nets per update, how the nets and classes
    are mapped, compute dtype, net steps, convolutions, trajectory chunk; by default M = 1 as the
    reference in float32 and bfloat16, and the setting of the distillation's
-   ``cifar10_ipc10_fast`` preset: bfloat16, vmapped classes, im2col, chunks of 10).
+   ``cifar10_ipc10_fast`` preset: bfloat16, vmapped classes, im2col, chunks of 20).
 2. **Evaluation throughput**: N = 1, 8, 32 ConvNet-3s (float32, and bfloat16 compute with
    float32 params) trained as one population on a decoded IPC-10 set (400 images), batch 64,
    per-sample DSA + CutMix, SGD; images/s over all nets.
@@ -98,7 +98,7 @@ class Settings:
   inner_iterations: int = 100
   timed_inner_iterations: int = 20
   outer: tuple[str, ...] = ("1/vmap/unroll/float32/32", "1/vmap/unroll/bfloat16/32",
-                            "1/vmap/vmap/bfloat16/32/im2col/chunk10")
+                            "1/vmap/vmap/bfloat16/32/im2col/chunk20")
   evaluation: tuple[str, ...] = tuple(f"{dtype}/{n}" for dtype in ("float32", "bfloat16")
                                      for n in (1, 8, 32))
   eval_steps: int = 50
