@@ -59,8 +59,10 @@ def seed_key(config: ml_collections.ConfigDict, purpose: str, *indices: int) -> 
 
 def _check_names(name: str, values: Any, known: Sequence[str]) -> None:
   errors.check_sequence(name, values)
-  if len(set(values)) != len(values) or set(values) - set(known):
-    raise UserError(f"{name}={values!r}; expected distinct names among {', '.join(known)}")
+  errors.check_distinct(name, values, "each runs once")
+  unknown = sorted(set(values) - set(known))
+  if unknown:
+    raise UserError(f"{name}={tuple(values)!r}; unknown {unknown[0]!r}, known: {', '.join(known)}")
 
 
 def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -84,9 +86,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   transfer = config.transfer
   _check_names("transfer.variants", transfer.variants, aws.TRAINED_TRANSFERS)
   errors.check_sequence("transfer.seeds", transfer.seeds)
-  if len(set(transfer.seeds)) != len(transfer.seeds):
-    raise UserError(f"transfer.seeds={transfer.seeds!r}; expected a non-empty sequence of "
-                    f"distinct ints")
+  errors.check_distinct("transfer.seeds", transfer.seeds, "each seed is one member")
   for seed in transfer.seeds:
     build.check_seed("transfer.seeds entry", seed)
   if transfer.population_size is not None:

@@ -89,8 +89,7 @@ def model_specs(config: ml_collections.ConfigDict) -> list[ModelSpec]:
   if not names or len(names) != len(widths):
     raise UserError(f"models={names!r} and widths={widths!r}; expected one width (or None) per "
                     "model, at least one model")
-  if len(set(names)) != len(names):
-    raise UserError(f"models={names!r} names a model twice")
+  errors.check_distinct("models", names, "each model trains once")
   specs = []
   for name, width in zip(names, widths):
     width_option = {} if width is None else {"width": width}
@@ -132,18 +131,15 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
   specs = model_specs(config)
   for field, allowed in (("arms", MAIN_ARMS), ("sweep_arms", SWEEP_ARMS)):
     errors.check_sequence(field, config[field], nonempty=field == "arms")
-    if len(set(config[field])) != len(config[field]):
-      raise UserError(f"{field}={tuple(config[field])!r} names an arm twice (it would train "
-                      "identical members)")
+    errors.check_distinct(field, config[field], "it would train identical members")
     unknown = sorted(set(config[field]) - set(allowed))
     if unknown:
       raise UserError(f"{field}={tuple(config[field])!r}; unknown {unknown[0]!r}, known: "
                       f"{', '.join(allowed)}")
   if "transfusion" in config.sweep_arms:
     errors.check_sequence("transfusion_blocks", config.transfusion_blocks)
-    if len(set(config.transfusion_blocks)) != len(config.transfusion_blocks):
-      raise UserError(f"transfusion_blocks={tuple(config.transfusion_blocks)!r} repeats a "
-                      "block count (it would train identical members)")
+    errors.check_distinct("transfusion_blocks", config.transfusion_blocks,
+                          "it would train identical members")
   if config.sweep_arms and config.model not in config.models:
     raise UserError(f"model={config.model!r} (the sweep model) is not among models="
                     f"{tuple(config.models)!r}")

@@ -9,7 +9,7 @@ import contextlib
 import math
 import numbers
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
@@ -47,6 +47,17 @@ def check_sequence(name: str, value: Any, *, nonempty: bool = True) -> None:
   ``nonempty`` is False); its entries are the caller's to check."""
   if not isinstance(value, (list, tuple)) or (nonempty and not value):
     raise UserError(f"{name}={value!r}; expected a {'non-empty ' if nonempty else ''}sequence")
+
+
+def check_distinct(name: str, values: Iterable[Any], consequence: str) -> None:
+  """Raises UserError naming ``name`` and its first repeated entry unless the (hashable)
+  ``values`` are distinct; ``consequence`` says what a repeat would do."""
+  values = tuple(values)
+  seen = set()
+  for value in values:
+    if value in seen:
+      raise UserError(f"{name}={values!r} repeats {value!r}; {consequence}")
+    seen.add(value)
 
 
 @contextlib.contextmanager

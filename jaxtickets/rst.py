@@ -578,7 +578,5 @@ def keep_ratio_array(keep_ratios: Sequence[float]) -> jax.Array:
     raise UserError(f"keep_ratios={keep_ratios!r}; expected a non-empty sequence in (0, 1]")
   for ratio in keep_ratios:
     tickets.check_keep_ratio(ratio)
-  if len(set(keep_ratios)) != len(keep_ratios):
-    raise UserError(f"keep_ratios={tuple(keep_ratios)!r} repeats a ratio; its tickets would be "
-                    "identical")
+  errors.check_distinct("keep_ratios", keep_ratios, "its tickets would be identical")
   return jnp.asarray(keep_ratios, jnp.float32)

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -223,7 +224,7 @@ def test_train_mode_updates_running_stats_and_eval_mode_keeps_them(net, results)
   trained = results("pgd-train").batch_stats
   moved = jax.tree.map(lambda new, old: bool(jnp.any(new != old)), trained, batch_stats)
   assert moved["norm"]["mean"] and moved["norm"]["var"]
-  jax.tree.map(np.testing.assert_array_equal, results("pgd").batch_stats, batch_stats)
+  chex.assert_trees_all_equal(results("pgd").batch_stats, batch_stats)
 
 
 def test_train_mode_threads_stats_through_every_pass():

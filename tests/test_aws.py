@@ -6,6 +6,7 @@ check that it resumes); the other tests use a BatchNorm ConvNet-3 of width 4 on 
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,10 +122,9 @@ def test_next_round_prunes_resets_the_optimizer_and_rewinds_on_request(network):
                                             (start, (params, batch_stats))):
     new = aws.next_round(end, optimizer, prunable, fraction=0.2, key=new_key, rewind=rewind)
     # The mask comes from the trained weights either way; IMP then restarts from ``rewind``.
-    jax.tree.map(np.testing.assert_array_equal, new.mask, expected_mask)
-    jax.tree.map(np.testing.assert_array_equal, new.train.params,
-                 tickets.apply_mask(from_params, expected_mask))
-    jax.tree.map(np.testing.assert_array_equal, new.train.batch_stats, from_stats)
+    chex.assert_trees_all_equal(new.mask, expected_mask)
+    chex.assert_trees_all_equal(new.train.params, tickets.apply_mask(from_params, expected_mask))
+    chex.assert_trees_all_equal(new.train.batch_stats, from_stats)
     assert int(new.train.step) == 0 and bool(new.aws)
     np.testing.assert_array_equal(new.train.key, new_key)
     assert all(float(jnp.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(new.train.opt_state))
@@ -161,7 +161,7 @@ def test_norm_interpolation_is_the_line_to_initialized_norms(network):
         np.testing.assert_allclose(new, alpha + (1 - alpha) * old, rtol=1e-6)
       else:
         np.testing.assert_allclose(new, (1 - alpha) * old, rtol=1e-6)
-  jax.tree.map(np.testing.assert_array_equal, aws.interpolate_norms(params, 0.0), params)
+  chex.assert_trees_all_equal(aws.interpolate_norms(params, 0.0), params)
 
 
 def test_aws_draws_one_alpha_per_step_for_every_norm_layer(network, data):
@@ -175,8 +175,7 @@ def test_aws_draws_one_alpha_per_step_for_every_norm_layer(network, data):
   alpha = jax.random.uniform(key)
   expected, expected_stats = apply_fn(aws.interpolate_norms(params, alpha), batch_stats, x, True)
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), stats,
-               expected_stats)
+  chex.assert_trees_all_close(stats, expected_stats, rtol=1e-5, atol=1e-6)
   # Evaluation never interpolates.
   evaluated, _ = aws.aws_apply_fn(apply_fn, mask, True)(params, batch_stats, x, False)
   np.testing.assert_array_equal(evaluated, apply_fn(params, batch_stats, x, False)[0])
@@ -205,8 +204,7 @@ def test_aws_with_alpha_zero_is_plain_training(network, data):
 
   plain_state, lrr_state = three_steps(False)
   # Equal up to the summation order XLA picks for two differently fused programs (1 ulp).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
-               lrr_state, plain_state)
+  chex.assert_trees_all_close(lrr_state, plain_state, rtol=1e-6, atol=1e-8)
   _, aws_state = three_steps(True)
   assert not np.array_equal(aws_state.params["stem_norm"]["scale"],
                             plain_state.params["stem_norm"]["scale"])
@@ -258,8 +256,8 @@ def test_sign_transfer_keeps_the_mask_and_the_signs_on_fresh_magnitudes(network)
   _, mask = aws.prune(trained, aws.dense_mask(trained), prunable, 0.6)
   new, stats, new_mask = jax.jit(lambda *args: aws.transfer("sign", *args, prunable))(
       trained, trained_stats, mask, fresh, batch_stats)
-  jax.tree.map(np.testing.assert_array_equal, new_mask, mask)
-  jax.tree.map(np.testing.assert_array_equal, stats, batch_stats)
+  chex.assert_trees_all_equal(new_mask, mask)
+  chex.assert_trees_all_equal(stats, batch_stats)
   norms = jax.tree.leaves(aws.norm_leaves(params))
   for path, is_norm, value, keep, old, init in zip(paths_of(params), norms, *map(
       jax.tree.leaves, (new, mask, trained, fresh))):
@@ -272,13 +270,13 @@ def test_sign_transfer_keeps_the_mask_and_the_signs_on_fresh_magnitudes(network)
 
   masked, mask_stats, same = aws.transfer("mask", trained, trained_stats, mask, fresh,
                                           batch_stats, prunable)
-  jax.tree.map(np.testing.assert_array_equal, masked, tickets.apply_mask(fresh, mask))
-  jax.tree.map(np.testing.assert_array_equal, same, mask)
-  jax.tree.map(np.testing.assert_array_equal, mask_stats, batch_stats)
+  chex.assert_trees_all_equal(masked, tickets.apply_mask(fresh, mask))
+  chex.assert_trees_all_equal(same, mask)
+  chex.assert_trees_all_equal(mask_stats, batch_stats)
   retrained, retrain_stats, _ = aws.transfer("retrain", trained, trained_stats, mask, fresh,
                                              batch_stats, prunable)
-  jax.tree.map(np.testing.assert_array_equal, retrained, tickets.apply_mask(trained, mask))
-  jax.tree.map(np.testing.assert_array_equal, retrain_stats, trained_stats)
+  chex.assert_trees_all_equal(retrained, tickets.apply_mask(trained, mask))
+  chex.assert_trees_all_equal(retrain_stats, trained_stats)
   assert_one_line_user_error(lambda: aws.transfer("signs", trained, trained_stats, mask, fresh,
                                                   batch_stats, prunable), "unknown transfer")
 
@@ -299,8 +297,7 @@ def test_recalibration_from_reset_reproduces_a_plain_pass(network, data):
   for index in range(data[0].labels.shape[0] // batch_size):
     images, _ = data_lib.get_batch(order_key, index, data[0].images, data[0].labels, batch_size)
     _, statistics = apply_fn(params, statistics, data_lib.to_unit(images), True)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               recalibrated, statistics)
+  chex.assert_trees_all_close(recalibrated, statistics, rtol=1e-5, atol=1e-6)
   assert not np.allclose(statistics["stem_norm"]["mean"], 0)
 
 
@@ -412,8 +409,9 @@ def test_small_run_resumes_without_training_again(small_run):
     ("transfer.densities=(1.5,)", "density must be in (0, 1]"),
     ("transfer.densities=(0.0,)", "density must be in (0, 1]"),
     ("pruning.fraction=1.2", "pruning fraction"),
-    ("methods=('lrr', 'imp')", "methods="),
-    ("transfer.variants=('sign', 'sign')", "transfer.variants="),
+    ("methods=('lrr', 'imp')", "methods=('lrr', 'imp'); unknown 'imp', known: "),
+    ("transfer.variants=('sign', 'sign')", "transfer.variants=('sign', 'sign') repeats 'sign'"),
+    ("transfer.seeds=(3, 3)", "transfer.seeds=(3, 3) repeats 3; each seed is one member"),
     ("transfer.densities=(0.25, 0.26)", "are both nearest round 2"),
     ("lmc.batch_size=5000", "lmc.batch_size=5000 exceeds"),
     ("model_options.norm='none'", "AWS interpolates norm params"),

@@ -7,6 +7,7 @@ a narrow ConvNet-3 on sklearn's 8x8 digits.
 import functools
 import math
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -320,7 +321,7 @@ def test_batchnorm_updates_running_stats_only_in_train_mode(bn_convnet, digits):
 
   _, train_state = run(variables, images, True)
   _, eval_state = run(variables, images, False)
-  jax.tree.map(np.testing.assert_array_equal, eval_state["batch_stats"], stats_before)
+  chex.assert_trees_all_equal(eval_state["batch_stats"], stats_before)
   # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch statistic (flax: biased var).
   stem_out = train_state["intermediates"][BLOCK_OUTPUTS]["stem"]  # raw conv output
   updated = train_state["batch_stats"]["stem_norm"]

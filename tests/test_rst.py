@@ -6,6 +6,7 @@ evaluated and switched); most tests read its results and states.
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,7 +180,7 @@ def test_adversarial_search_trains_scores_only(small_run):
   for name in ("rst", "natural"):
     stage = results["stages"][name]
     for trained in (stage.last.params, stage.best["params"]):
-      jax.tree.map(np.testing.assert_array_equal, trained["weights"], initial.weights)
+      chex.assert_trees_all_equal(trained["weights"], initial.weights)
       moved = jax.tree.map(lambda new, old: float(jnp.mean(new != old)), trained["scores"],
                            initial.scores)
       assert min(jax.tree.leaves(moved)) > 0.5, (name, moved)
@@ -259,9 +260,9 @@ def test_last_and_best_states_are_checkpointed_and_restored(small_run):
   results, _, workdir = small_run
   stage = results["stages"]["rst"]
   with checkpoint.Checkpointer(workdir / "rst" / "checkpoints") as checkpointer:
-    jax.tree.map(np.testing.assert_array_equal, checkpointer.restore(stage.last), stage.last)
+    chex.assert_trees_all_equal(checkpointer.restore(stage.last), stage.last)
   restored = runner.BestStates(workdir / "rst" / "best", stage.last)
-  jax.tree.map(np.testing.assert_array_equal, restored.best, stage.best)
+  chex.assert_trees_all_equal(restored.best, stage.best)
   restored.close()
   val_scores = np.array([record["val_pgd_accuracy"] for record in stage.records])
   np.testing.assert_allclose(stage.best["score"], val_scores.max(axis=0))
@@ -294,7 +295,7 @@ def test_finetuning_trains_only_the_kept_weights(digits, tiny_network):
             rst.finetune_weights(ticket, prunable, init="reinit", key=jax.random.key(5)))
 
   ticket, mask, weights, fresh = draw()
-  jax.tree.map(np.testing.assert_array_equal, weights, ticket.weights)
+  chex.assert_trees_all_equal(weights, ticket.weights)
   assert not np.array_equal(fresh["stem"]["kernel"], ticket.weights["stem"]["kernel"])
   optimizer = train_lib.sgd(0.1, momentum=0.0, weight_decay=0.0)
   state = train_lib.create_train_state(KEY, weights, batch_stats, optimizer)

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -121,7 +122,7 @@ def test_sigkill_then_rerun_resumes_to_identical_result(tmp_path):
   step_a, params_a = _final_params(tmp_path / "straight")
   step_b, params_b = _final_params(tmp_path / "resumed")
   assert step_a == step_b
-  jax.tree_util.tree_map(np.testing.assert_array_equal, params_a, params_b)
+  chex.assert_trees_all_equal(params_a, params_b)
   log_a = metrics.MetricsLog(tmp_path / "straight" / "metrics.jsonl").read()
   log_b = metrics.MetricsLog(tmp_path / "resumed" / "metrics.jsonl").read()
   assert without_seconds(log_a) == without_seconds(log_b)

@@ -7,6 +7,7 @@ module; the library tests use parameter shapes from ``jax.eval_shape`` filled wi
 import json
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,7 +104,7 @@ def test_mean_var_init_matches_per_tensor_mean_and_variance():
   assert checked == 3  # The kernels of block1..block3, where the test has power.
   np.testing.assert_array_equal(result["params"]["head"]["kernel"],
                                 fresh["params"]["head"]["kernel"])
-  jax.tree.map(np.testing.assert_array_equal, result["batch_stats"], fresh["batch_stats"])
+  chex.assert_trees_all_equal(result["batch_stats"], fresh["batch_stats"])
   # The other BatchNorm choice keeps the fresh affine parameters of the norms.
   default = transfusion.mean_var_init(KEY, pretrained, fresh, norm_init="default")
   np.testing.assert_array_equal(default["params"]["block1"]["norm"]["scale"],
@@ -120,7 +121,7 @@ def test_gabor_filters_replace_only_the_first_conv_at_its_scale():
   assert float(jnp.std(kernel)) == pytest.approx(float(jnp.std(fresh["params"]["stem"]["kernel"])),
                                                  rel=1e-4)
   for module in ("block1", "head"):
-    jax.tree.map(np.testing.assert_array_equal, result["params"][module], fresh["params"][module])
+    chex.assert_trees_all_equal(result["params"][module], fresh["params"][module])
   assert abs(float(jnp.mean(kernel))) < 1e-6
   filters = np.asarray(kernel[:, :, 0, :]).reshape(-1, kernel.shape[-1]).T
   assert np.linalg.matrix_rank(filters) == kernel.shape[-1]  # eight different filters
@@ -291,7 +292,8 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
     # Found from shapes before anything trains: the last unit's 1 x 1 map of one probe image.
     ("similarity.probe_size=1", "fewer datapoints (1) than neurons"),
     ("strategy='shard'", "cbr_tiny full (arms x seeds): 10 members"),
-    ("arms=('random', 'transfer', 'random')", "names an arm twice"),
+    ("arms=('random', 'transfer', 'random')", "arms=('random', 'transfer', 'random') repeats "
+     "'random'; it would train identical members"),
 ])
 def test_cli_exits_2_on_bad_config(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
@@ -316,7 +318,7 @@ def test_a_previous_runs_pretrain_folder_is_a_checkpoint_dir(small_run):
   given, step = runner.SourceModel(config, spec, source).restore_given()
   with checkpoint.Checkpointer(workdir / "pretrain" / spec.name / "pretrained") as kept:
     assert step == kept.latest_step()
-    jax.tree.map(np.testing.assert_array_equal, given, kept.restore(given))
+    chex.assert_trees_all_equal(given, kept.restore(given))
 
 
 def test_cli_exits_2_on_a_pretrained_checkpoint_of_another_architecture(

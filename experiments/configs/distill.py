@@ -18,10 +18,10 @@ Presets (``method`` is switchable: ``--set method=idc`` / ``dc`` / ``dsa`` / ``d
   the JPEG-packed CIFAR-10.
 - ``cifar10_ipc10_fast``: ``cifar10_ipc10`` for a GPU, at the fastest setting measured: bfloat16
   nets, the nets of 20 outer iterations trained as one population before their matching steps
-  (``trajectory_chunk``; checkpoints every 20 outer iterations), the classes of a matching step vmapped, and im2col convolutions (so
-  the vmapped nets and classes are batched matrix products, not grouped convolutions). Apart from
-  bfloat16 the same computation as ``cifar10_ipc10``, reordered and batched; the same four
-  ``--set`` flags speed up the other CIFAR presets.
+  (``trajectory_chunk``; checkpoints every 20 outer iterations), the classes of a matching step
+  vmapped, and im2col convolutions (so the vmapped nets and classes are batched matrix products,
+  not grouped convolutions). Apart from bfloat16 the same computation as ``cifar10_ipc10``,
+  reordered and batched; the same ``--set`` overrides speed up the other CIFAR presets.
 - ``digits``: the demo's CPU run (84 s on 2 cores, compilation included): Acc-DD on the 16x16
   digits, IPC 10,
   ConvNet-3 of width 16, 8 outer x 10 inner iterations with 2 net steps each, a pool of 3 nets
