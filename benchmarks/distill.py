@@ -433,13 +433,13 @@ def run_benchmark(settings: Settings, quick: bool, save: Callable[[dict[str, Any
   if variants:
     print(f"\nAcc-DD outer iteration ({settings.inner_iterations} inner iterations; net_steps 0 "
           "times the matching alone):")
-    print(f"{'M':>3}  {'maps':<25}{'dtype':<10}{'net steps':>10}{'s/outer':>10}"
+    print(f"{'M':>3}  {'maps':<29}{'dtype':<10}{'net steps':>10}{'s/outer':>10}"
           f"{'compile s':>11}{'host waits':>12}{'projected':>22}")
   for variant in variants:
     maps = f"{variant.model_map}/{variant.class_map}" + common.impl_suffix(variant.conv_impl)
     if variant.trajectory_chunk:
       maps += f" chunk{variant.trajectory_chunk}"
-    row = f"{variant.num_models:>3}  {maps:<25}{variant.dtype:<10}{variant.net_steps:>10}"
+    row = f"{variant.num_models:>3}  {maps:<29}{variant.dtype:<10}{variant.net_steps:>10}"
     result = _attempt(functools.partial(time_outer_iteration, settings, variant),
                       variant._asdict(), row)
     report["outer_iteration"].append(result)

@@ -60,7 +60,7 @@ def seed_key(config: ml_collections.ConfigDict, purpose: str, *indices: int) -> 
 def _check_names(name: str, values: Any, known: Sequence[str]) -> None:
   errors.check_sequence(name, values)
   errors.check_distinct(name, values, "each runs once")
-  unknown = sorted(set(values) - set(known))
+  unknown = [value for value in values if value not in known]
   if unknown:
     raise UserError(f"{name}={tuple(values)!r}; unknown {unknown[0]!r}, known: {', '.join(known)}")
 
@@ -86,9 +86,9 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   transfer = config.transfer
   _check_names("transfer.variants", transfer.variants, aws.TRAINED_TRANSFERS)
   errors.check_sequence("transfer.seeds", transfer.seeds)
-  errors.check_distinct("transfer.seeds", transfer.seeds, "each seed is one member")
   for seed in transfer.seeds:
     build.check_seed("transfer.seeds entry", seed)
+  errors.check_distinct("transfer.seeds", transfer.seeds, "each seed is one member")
   if transfer.population_size is not None:
     errors.check_int("transfer.population_size", transfer.population_size)
   errors.check_int("lmc.num_points", config.lmc.num_points, minimum=2)

@@ -132,12 +132,14 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
   for field, allowed in (("arms", MAIN_ARMS), ("sweep_arms", SWEEP_ARMS)):
     errors.check_sequence(field, config[field], nonempty=field == "arms")
     errors.check_distinct(field, config[field], "it would train identical members")
-    unknown = sorted(set(config[field]) - set(allowed))
+    unknown = [arm for arm in config[field] if arm not in allowed]
     if unknown:
       raise UserError(f"{field}={tuple(config[field])!r}; unknown {unknown[0]!r}, known: "
                       f"{', '.join(allowed)}")
   if "transfusion" in config.sweep_arms:
     errors.check_sequence("transfusion_blocks", config.transfusion_blocks)
+    for num_blocks in config.transfusion_blocks:  # Their range is the model's (checked below).
+      errors.check_int("transfusion_blocks entry", num_blocks, minimum=0)
     errors.check_distinct("transfusion_blocks", config.transfusion_blocks,
                           "it would train identical members")
   if config.sweep_arms and config.model not in config.models:

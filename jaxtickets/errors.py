@@ -50,11 +50,15 @@ def check_sequence(name: str, value: Any, *, nonempty: bool = True) -> None:
 
 
 def check_distinct(name: str, values: Iterable[Any], consequence: str) -> None:
-  """Raises UserError naming ``name`` and its first repeated entry unless the (hashable)
-  ``values`` are distinct; ``consequence`` says what a repeat would do."""
+  """Raises UserError naming ``name`` and its first repeated entry unless ``values`` are
+  distinct (and hashable: names and numbers); ``consequence`` says what a repeat would do."""
   values = tuple(values)
   seen = set()
   for value in values:
+    try:
+      hash(value)
+    except TypeError:
+      raise UserError(f"{name}={values!r}; expected names or numbers, got {value!r}") from None
     if value in seen:
       raise UserError(f"{name}={values!r} repeats {value!r}; {consequence}")
     seen.add(value)

@@ -578,5 +578,9 @@ def keep_ratio_array(keep_ratios: Sequence[float]) -> jax.Array:
     raise UserError(f"keep_ratios={keep_ratios!r}; expected a non-empty sequence in (0, 1]")
   for ratio in keep_ratios:
     tickets.check_keep_ratio(ratio)
-  errors.check_distinct("keep_ratios", keep_ratios, "its tickets would be identical")
+  try:
+    concrete = np.asarray(keep_ratios, np.float64).tolist()
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    concrete = []  # Traced ratios go unchecked, as check_keep_ratio leaves them.
+  errors.check_distinct("keep_ratios", concrete, "its tickets would be identical")
   return jnp.asarray(keep_ratios, jnp.float32)

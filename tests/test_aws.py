@@ -412,6 +412,8 @@ def test_small_run_resumes_without_training_again(small_run):
     ("methods=('lrr', 'imp')", "methods=('lrr', 'imp'); unknown 'imp', known: "),
     ("transfer.variants=('sign', 'sign')", "transfer.variants=('sign', 'sign') repeats 'sign'"),
     ("transfer.seeds=(3, 3)", "transfer.seeds=(3, 3) repeats 3; each seed is one member"),
+    ("transfer.seeds=(1, True)", "transfer.seeds entry=True"),
+    ("methods=('imp', 1)", "unknown 'imp'"), ("methods=(['lrr'],)", "expected names or numbers"),
     ("transfer.densities=(0.25, 0.26)", "are both nearest round 2"),
     ("lmc.batch_size=5000", "lmc.batch_size=5000 exceeds"),
     ("model_options.norm='none'", "AWS interpolates norm params"),

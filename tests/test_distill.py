@@ -510,34 +510,39 @@ def test_cli_small_run_saves_the_set_and_resumes(tmp_path):
 
 
 def test_cli_fast_presets_reorderings_compute_the_default_set_and_run_in_bfloat16(tmp_path):
-  # What cifar10_ipc10_fast changes from cifar10_ipc10, on the small preset, its chunk and
-  # checkpoint period set to the small run's 2 outer iterations.
+  # What cifar10_ipc10_fast changes from cifar10_ipc10, on the small preset: "default" takes
+  # cifar10_ipc10's values of those fields, "reordered" the fast preset's except its dtype,
+  # "fast" all of them; the chunk and checkpoint period are the small run's 2 outer iterations.
   fast = distill_configs.get_config("cifar10_ipc10_fast").to_dict()
   base = distill_configs.get_config("cifar10_ipc10").to_dict()
+  base_options = base.pop("model_options")
   changes = {f"model_options.{key}": value for key, value in fast.pop("model_options").items()
-             if base["model_options"].get(key) != value}
+             if base_options.get(key) != value}
   changes.update((key, value) for key, value in fast.items() if base[key] != value)
   assert changes.pop("dtype") == "bfloat16" and changes["trajectory_chunk"] > 1
   changes.update(trajectory_chunk=2, checkpoint_every=2)
-  runs = {"default": {}, "reordered": changes, "fast": {**changes, "dtype": "bfloat16"}}
+  default = {key: base[key] for key in changes if key in base}
+  default.update(checkpoint_every=2)
+  assert default["class_map"] != changes["class_map"]  # small's own class_map is the fast one.
+  runs = {"default": default, "reordered": changes, "fast": {**changes, "dtype": "bfloat16"}}
   sets = {}
   for name, overrides in runs.items():
     workdir = run_cli(tmp_path, "eval.num_nets=1", "eval.epochs=1", "eval.random_baseline=False",
                       *(f"{key}={value!r}" for key, value in overrides.items()), name=name)
     results = json.loads((workdir / "results.json").read_text())
-    assert results["distill"]["trajectory_chunk"] == overrides.get("trajectory_chunk")
+    assert results["distill"]["trajectory_chunk"] == overrides["trajectory_chunk"]
     with np.load(workdir / "synthetic.npz") as saved:
       sets[name] = saved["images"]
   start = np.asarray(small_program("acc_dd")[1].images).reshape(sets["default"].shape)
-  moved = sets["default"] - start
+  moved, reordered = sets["default"] - start, sets["reordered"] - start
   assert np.abs(moved).mean() > 1e-3
-  # The same set up to float32 rounding, which the pool's pretraining (im2col's sums) amplifies.
-  difference = sets["reordered"] - sets["default"]
-  assert np.abs(difference).mean() < 0.05 * np.abs(moved).mean()
-  assert np.sum(moved * (sets["reordered"] - start)) > 0.99 * np.sum(moved**2)
-  # bfloat16 also pretrains the pool, so its nets and set differ; the set still moved, in range.
-  assert np.abs(sets["fast"] - start).mean() > 1e-3
-  assert 0 <= sets["fast"].min() and sets["fast"].max() <= 1
+  # The same set up to float32 rounding (im2col sums in another order), which the pool's
+  # pretraining amplifies: measured 1.3% of the movement, cosine 0.9997.
+  assert np.abs(reordered - moved).mean() < 0.05 * np.abs(moved).mean()
+  assert np.sum(moved * reordered) > 0.99 * np.linalg.norm(moved) * np.linalg.norm(reordered)
+  # bfloat16 pretrains the pool too, so its nets and its set differ from float32's (measured:
+  # by 1.6x the movement); a dtype the run ignored would give the reordered set.
+  assert np.abs(sets["fast"] - sets["reordered"]).mean() > 0.5 * np.abs(moved).mean()
 
 @pytest.mark.parametrize("override, fragment", [
     ("ipc=0", "ipc=0"), ("ipc=500", "class"), ("method=kip", "unknown distillation method"),

@@ -418,6 +418,11 @@ def test_bad_input_raises_one_line_user_errors():
     one_line(error)
   with pytest.raises(UserError, match="keep_ratios"):
     rst.keep_ratio_array([])
+  # Arrays are sequences of ratios too, checked for repeats by value.
+  np.testing.assert_array_equal(rst.keep_ratio_array(jnp.array([0.25, 0.5])), [0.25, 0.5])
+  with pytest.raises(UserError, match=r"keep_ratios=\(0.5, 0.5\) repeats 0.5") as error:
+    rst.keep_ratio_array(np.array([0.5, 0.5]))
+  one_line(error)
   wider = zero_params("convnet3", width=8)
   wider_prunable = tickets.prunable(wider)
   ticket = jax.eval_shape(lambda: rst.init_ticket(KEY, KEY, wider, 0.5, wider_prunable))

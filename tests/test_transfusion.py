@@ -294,6 +294,9 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
     ("strategy='shard'", "cbr_tiny full (arms x seeds): 10 members"),
     ("arms=('random', 'transfer', 'random')", "arms=('random', 'transfer', 'random') repeats "
      "'random'; it would train identical members"),
+    ("arms=('random', 1, 'x')", "unknown 1, known: "),
+    ("transfusion_blocks=(1, 1.0)", "transfusion_blocks entry=1.0"),
+    ("transfusion_blocks=(1, 1)", "transfusion_blocks=(1, 1) repeats 1"),
 ])
 def test_cli_exits_2_on_bad_config(override, fragment, assert_cli_user_error):
   assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)

@@ -21,7 +21,9 @@ Presets (``method`` is switchable: ``--set method=idc`` / ``dc`` / ``dsa`` / ``d
   (``trajectory_chunk``; checkpoints every 20 outer iterations), the classes of a matching step
   vmapped, and im2col convolutions (so the vmapped nets and classes are batched matrix products,
   not grouped convolutions). Apart from bfloat16 the same computation as ``cifar10_ipc10``,
-  reordered and batched; the same ``--set`` overrides speed up the other CIFAR presets.
+  reordered and batched. Its ``method`` is ``acc_dd`` or ``idc`` (``trajectory_chunk`` needs nets
+  trained on the real data). The same ``--set`` overrides may speed up the other CIFAR presets
+  (untimed; CIFAR-100 vmaps 100 classes, which needs more memory).
 - ``digits``: the demo's CPU run (84 s on 2 cores, compilation included): Acc-DD on the 16x16
   digits, IPC 10,
   ConvNet-3 of width 16, 8 outer x 10 inner iterations with 2 net steps each, a pool of 3 nets
@@ -46,10 +48,10 @@ iterations, lr 1.0; IDC: as Acc-DD with random nets, 2000 outer iterations, lr_i
 
 Speed (``benchmarks/RESULTS.md``): the CIFAR-10 IPC-10 Acc-DD preset's 500 outer iterations take
 ~33 min as configured (float32, one net per update; H100) and 9.6 min as ``cifar10_ipc10_fast``
-(H200; 18.7 min in bfloat16 without its three reorderings, same machine; on CIFAR-10's 10% subset
-on CPU the fast setting's set evaluates as the float32 default's does). bfloat16 evaluates a
-set as float32 does (measured on CIFAR-10) and trains 32 evaluation nets 12.4x faster than
-PyTorch one at a time (H100).
+(H200, projected from timed outer iterations; 18.7 min in bfloat16 without its reordering and
+batching, same machine; on CIFAR-10's 10% subset on CPU the fast setting's set evaluates as the
+float32 default's does). bfloat16 evaluates a set as float32 does (measured on CIFAR-10) and trains
+32 evaluation nets 12.4x faster than PyTorch one at a time (H100).
 
 Deviations from the references (all documented in the library):
 - With ``num_models`` M > 1, each image update averages the matching loss over M nets (vmapped)
