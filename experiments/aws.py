@@ -57,14 +57,6 @@ def seed_key(config: ml_collections.ConfigDict, purpose: str, *indices: int) -> 
   return key
 
 
-def _check_names(name: str, values: Any, known: Sequence[str]) -> None:
-  errors.check_sequence(name, values)
-  errors.check_distinct(name, values, "each runs once")
-  unknown = [value for value in values if value not in known]
-  if unknown:
-    raise UserError(f"{name}={tuple(values)!r}; unknown {unknown[0]!r}, known: {', '.join(known)}")
-
-
 def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   """Raises UserError for bad settings before anything is loaded.
 
@@ -72,7 +64,7 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     The pruning rounds whose tickets are transferred (one per ``transfer.densities`` entry).
   """
   build.check_training(config)
-  _check_names("methods", config.methods, aws.METHODS)
+  errors.check_names("methods", config.methods, aws.METHODS, repeat="each runs once")
   build.check_population_options(config)
   pruning = config.pruning
   aws.check_rounds(pruning.rounds)
@@ -84,7 +76,8 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   errors.check_number("pruning.learning_rate", pruning.learning_rate, 0, strict=True)
   errors.check_int("eval_every_epochs", config.eval_every_epochs)
   transfer = config.transfer
-  _check_names("transfer.variants", transfer.variants, aws.TRAINED_TRANSFERS)
+  errors.check_names("transfer.variants", transfer.variants, aws.TRAINED_TRANSFERS,
+                     repeat="each runs once")
   errors.check_sequence("transfer.seeds", transfer.seeds)
   for seed in transfer.seeds:
     build.check_seed("transfer.seeds entry", seed)

@@ -130,12 +130,8 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
   data_lib.check_val_fraction("val_fraction", config.val_fraction)
   specs = model_specs(config)
   for field, allowed in (("arms", MAIN_ARMS), ("sweep_arms", SWEEP_ARMS)):
-    errors.check_sequence(field, config[field], nonempty=field == "arms")
-    errors.check_distinct(field, config[field], "it would train identical members")
-    unknown = [arm for arm in config[field] if arm not in allowed]
-    if unknown:
-      raise UserError(f"{field}={tuple(config[field])!r}; unknown {unknown[0]!r}, known: "
-                      f"{', '.join(allowed)}")
+    errors.check_names(field, config[field], allowed, repeat="it would train identical members",
+                       nonempty=field == "arms")
   if "transfusion" in config.sweep_arms:
     errors.check_sequence("transfusion_blocks", config.transfusion_blocks)
     for num_blocks in config.transfusion_blocks:  # Their range is the model's (checked below).

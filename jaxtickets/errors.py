@@ -9,7 +9,7 @@ import contextlib
 import math
 import numbers
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 
@@ -62,6 +62,18 @@ def check_distinct(name: str, values: Iterable[Any], consequence: str) -> None:
     if value in seen:
       raise UserError(f"{name}={values!r} repeats {value!r}; {consequence}")
     seen.add(value)
+
+
+def check_names(name: str, values: Any, known: Sequence[str], *, repeat: str,
+                nonempty: bool = True) -> None:
+  """Raises UserError naming ``name`` unless ``values`` is a sequence (non-empty, unless
+  ``nonempty`` is False) of distinct names from ``known``; ``repeat`` says what a repeat would
+  do (see :func:`check_distinct`)."""
+  check_sequence(name, values, nonempty=nonempty)
+  check_distinct(name, values, repeat)
+  unknown = [value for value in values if value not in known]
+  if unknown:
+    raise UserError(f"{name}={tuple(values)!r}; unknown {unknown[0]!r}, known: {', '.join(known)}")
 
 
 @contextlib.contextmanager
