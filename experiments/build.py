@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -10,7 +11,7 @@ import ml_collections
 import optax
 
 from jaxtickets import data as data_lib
-from jaxtickets import models, population
+from jaxtickets import loop, models, population
 from jaxtickets import train as train_lib
 from jaxtickets import errors
 from jaxtickets.errors import UserError
@@ -19,6 +20,15 @@ AUGMENTS = {"none": None, "crop_flip": train_lib.crop_flip}
 SCHEDULES = ("cosine", "multistep", "constant")
 # Seeds seed both jax and NumPy generators; NumPy's legacy ones take [0, 2**32).
 _MAX_SEED = 2**32 - 1
+
+
+def seed_key(seed: int, purposes: Sequence[str], purpose: str, *indices: int) -> jax.Array:
+  """The raw (checkpointable) PRNG key of ``seed`` for ``purpose``, one of a study's
+  ``purposes`` (its index is folded in), then each of ``indices`` folded in."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), purposes.index(purpose))
+  for index in indices:
+    key = jax.random.fold_in(key, index)
+  return key
 
 
 def check_seed(name: str, seed: Any) -> None:
@@ -146,8 +156,35 @@ def check_population_sizes(config: ml_collections.ConfigDict, sizes: Mapping[str
 
 def check_population_options(config: ml_collections.ConfigDict) -> None:
   """Raises UserError for a bad ``strategy``/``chunk_size`` before anything is loaded."""
+  chunk_size = config.get("chunk_size")
   if config.strategy is not None:
-    population.check_options(config.strategy, config.get("chunk_size"))
-  elif config.get("chunk_size") is not None:
+    if config.strategy not in population.STRATEGIES:
+      raise UserError(f"unknown population strategy {config.strategy!r}; known: "
+                      f"{', '.join(population.STRATEGIES)}")
+    if chunk_size is not None:
+      if config.strategy != "map":
+        raise UserError(f"chunk_size={chunk_size!r} applies to strategy 'map' only")
+      errors.check_int("chunk_size", chunk_size)
+  elif chunk_size is not None:
     raise UserError(f"chunk_size={config.chunk_size!r} applies to strategy 'map'; strategy is "
                     "None (the measured default)")
+
+
+def fit_population(config: ml_collections.ConfigDict, step: Callable[..., Any], states: Any,
+                   data: train_lib.Data, *, num_steps: int, eval_every: int,
+                   workdir: str | pathlib.Path | None,
+                   evaluate: Callable[[Any], Mapping[str, Any]] | None = None,
+                   progress: bool = True, description: str = "train", params: Any = None,
+                   model_name: str | None = None, step_size: int = 1) -> tuple[Any, list[dict]]:
+  """Trains the population ``states`` with the single-member ``step`` by ``loop.fit``.
+
+  The member map is the config's (:func:`population_options` of one member's ``params`` and
+  ``model_name``); the rest is ``loop.fit``'s (resumable in ``workdir``).
+
+  Returns:
+    The final states and the evaluation records.
+  """
+  population_step = population.run(step, **population_options(config, params, model_name))
+  return loop.fit(population_step, states, data, num_steps=num_steps, eval_every=eval_every,
+                  evaluate=evaluate, workdir=workdir, progress=progress,
+                  description=description, step_size=step_size)

@@ -29,7 +29,6 @@ from jaxtickets import data as data_lib
 from jaxtickets import loop
 from jaxtickets import population
 from jaxtickets import train as train_lib
-from jaxtickets.errors import UserError
 from jaxtickets.models import get_model
 
 NUM_MEMBERS = 8
@@ -247,43 +246,21 @@ def test_shard_replicates_over_a_meshs_other_axes():
   assert not doubled["w"].sharding.is_fully_replicated
 
   other = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  for make in (lambda: population.run(_noop_step, strategy="shard", mesh=other)(members, 0.0),
-               lambda: population.run(_noop_step, strategy="vmap", mesh=mesh)):
-    with pytest.raises(UserError, match="mesh") as error:
-      make()
-    assert "\n" not in str(error.value)
-
-
-@pytest.mark.parametrize("strategy", ["vmap", "map", "shard"])
-@pytest.mark.parametrize("members, match", [
-    ({"w": jnp.zeros((0, 3))}, "0 members"),
-    ({"w": jnp.zeros((8, 3)), "b": jnp.zeros((7,))}, r"\['w'\] has 8 members but \['b'\] has 7"),
-    ({"w": jnp.zeros((8, 3)), "step": jnp.zeros(())}, r"\['step'\] is a scalar"),
-])
-def test_run_rejects_bad_populations(strategy, members, match):
-  with pytest.raises(UserError, match=match) as error:
-    population.run(_noop_step, strategy=strategy)(members, jnp.zeros(2))
-  assert "\n" not in str(error.value)
+  with pytest.raises(ValueError, match="no 'population' axis"):
+    population.run(_noop_step, strategy="shard", mesh=other)
 
 
 @pytest.mark.parametrize("make_error, match", [
+    # Each would otherwise fail obscurely (a sharding error) or silently (JAX clamps indices).
     (lambda: population.run(_noop_step, strategy="shard")({"w": jnp.zeros((6, 3))}, 0.0),
      "6 members cannot be split evenly over the 4 devices"),
-    (lambda: population.run(_noop_step, member_axes=(0, 0))({"w": jnp.zeros((8,))},
-                                                            jnp.zeros((4,))),
-     r"different member counts \[8, 4\]"),
-    (lambda: population.init(lambda key: key, jnp.zeros((0, 2), jnp.uint32)), "0 keys"),
-    (lambda: population.stack([]), "0 members"),
-    (lambda: population.stack([{"w": jnp.zeros(3)}, {"w": jnp.zeros(4)}]),
-     r"member 1 leaf \['w'\]"),
     (lambda: population.select({"w": jnp.zeros((8, 3))}, 8), "out of range"),
+    (lambda: population.select({"w": jnp.zeros((8, 3))}, [0, -9]), "out of range"),
     (lambda: population.run(_noop_step, strategy="pmap"), "unknown population strategy"),
-    (lambda: population.run(_noop_step, strategy="vmap", chunk_size=4), "chunk_size"),
 ])
-def test_bad_input_is_a_one_line_user_error(make_error, match):
-  with pytest.raises(UserError, match=match) as error:
+def test_inputs_jax_would_misread_are_refused(make_error, match):
+  with pytest.raises(ValueError, match=match):
     make_error()
-  assert "\n" not in str(error.value)
 
 
 def test_default_strategy_is_accepted_by_run():
