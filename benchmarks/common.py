@@ -85,7 +85,7 @@ def parse_args(description: str, default_out: str, argv: Sequence[str] | None = 
   """``--quick`` and ``--out`` (plus what ``extra`` adds), parsed from ``argv``."""
   parser = errors.ArgumentParser(description=description.strip().splitlines()[0])
   parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes, to check on a CPU that it runs (under 2 minutes)")
+                      help="tiny sizes, to check on a CPU that it runs")
   parser.add_argument("--out", default=default_out, help="where the JSON report goes")
   if extra is not None:
     extra(parser)

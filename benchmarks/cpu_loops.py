@@ -1,6 +1,6 @@
 """Training steps in loop bodies on XLA:CPU: lax's convolution gradients vs ``models.conv``.
 
-    python -m benchmarks.cpu_loops [--quick] [--out benchmarks/out/cpu_loops.json]
+    python -m benchmarks.cpu_loops [--quick] [--out FILE.json]
 
 XLA:CPU runs JAX's convolution gradients on its naive emitter when they sit in a loop body
 (``jaxtickets.models.conv`` says why). On a ConvNet-3 and a ResNet-20 (synthetic 32x32x3 data,
@@ -9,11 +9,11 @@ kept ("models.conv"), it times:
 
 1. one training step jitted alone, and 4 steps in one ``lax.scan`` (per step);
 2. one step of a population of 4 members, ``population.run``'s "vmap" (grouped convolutions)
-   and "map" (one member after another, a loop body) — the CPU default since ``models.conv``;
+   and "map" (one member after another, a loop body);
 
 and counts the program's non-canonical convolutions (``compiled.noncanonical_convolutions``).
-Times are medians of ``timings`` calls after a first (compiling) one. ``--quick`` shrinks the
-nets and images to check on a CPU that it runs.
+Times are medians of ``timings`` calls after compilation and one untimed call. ``--quick``
+shrinks the nets and images to check that the script runs.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ images held in device memory), so no dataset needs to be prepared:
    net comes from a pool (randomly initialized here; pretraining does not change the cost) and
    is perturbed. Printed: seconds per outer iteration, compile seconds, the program's host waits
    (``jaxtickets.compiled``: conditionals and data-dependent loops, each a GPU-to-host round trip
-   per execution) and the projected time of the paper's 500 (target on an H100/H200: < 10 min), for
+   per execution) and the projected time of the paper's 500, for
    the variants of ``Settings.outer`` / ``--outer`` (M nets per update, how the nets and classes
    are mapped, compute dtype, net steps, convolutions, trajectory chunk; by default M = 1 as the
    reference in float32 and bfloat16, and the setting of the distillation's
@@ -31,8 +31,8 @@ images held in device memory), so no dataset needs to be prepared:
    images and on IDC's decoded ``mix`` start, so the bfloat16 speed is not bought with accuracy.
 
 ``--quick`` shrinks everything (16x16 images, width 8, 2 inner iterations, 1 net step, N = 1
-and 2; precision on digits for 2 epochs) to run on a 2-core CPU in under 2 minutes; its numbers
-only show that the benchmark runs.
+and 2; precision on digits for 2 epochs) to run on a CPU; its numbers only show that the
+benchmark runs.
 """
 
 from __future__ import annotations
@@ -148,11 +148,12 @@ class OuterVariant(NamedTuple):
     if "trajectory_chunk" in options:
       options["trajectory_chunk"] = int(chunk)
     variant = cls(int(parts[0]), parts[1], parts[2], parts[3], int(parts[4]), **options)
-    matching.check_map("model_map", variant.model_map)
-    matching.check_map("class_map", variant.class_map)
+    for field in ("model_map", "class_map"):
+      if getattr(variant, field) not in matching.MAP_STRATEGIES:
+        raise UserError(f"{field}={getattr(variant, field)!r}; known: "
+                        f"{', '.join(matching.MAP_STRATEGIES)}")
     if variant.trajectory_chunk:
-      methods.check_trajectory_chunk(
-          methods.get_method("acc_dd", IPC, net_steps=variant.net_steps), variant.trajectory_chunk)
+      methods.check_trajectory_chunk(methods.get_method("acc_dd", IPC, net_steps=variant.net_steps))
     _check_model_options(variant.dtype, variant.conv_impl)
     return variant
 

@@ -1,24 +1,21 @@
 """Training throughput of N models trained together, per population strategy and precision.
 
-    python -m benchmarks.population [--quick] [--out benchmarks/out/population.json]
+    python -m benchmarks.population [--quick] [--models convnet3,resnet18] [--out FILE.json]
 
 For ConvNet-3 (batch 64) and ResNet-18 (batch 256) on synthetic 32x32x3 uint8 images held in
 device memory, it times one training step of N members (each member draws its batch on device,
 then forward, backward and SGD with momentum and weight decay; no augmentation) under every
-strategy of ``jaxtickets.population``: ``vmap``, ``map`` in chunks, and ``shard`` when there is
-more than one device, each strategy that vmaps members with XLA's convolutions and with the
-models' ``conv_impl="im2col"`` (batched matrix products instead of grouped convolutions; labelled
-``+im2col``); in float32 and bfloat16 compute (parameters stay float32). Every
-configuration is compiled and run once, then timed several times over calls of several steps
-(one ``lax.scan`` each); images/s = N * batch * steps per call / median seconds per call.
+strategy of ``jaxtickets.population``: ``vmap``, ``map`` one member at a time and in chunks, and
+``shard`` when there is more than one device. Each strategy that vmaps members is timed with XLA's
+convolutions and with ``conv_impl="im2col"`` (batched matrix products instead of grouped
+convolutions; labelled ``+im2col``), in float32 and bfloat16 compute (parameters stay float32).
+Every configuration is compiled and run once, then timed over calls of several steps (one
+``lax.scan`` each); images/s = N * batch * steps per call / median seconds per call.
 
-When PyTorch with a CUDA GPU is present it also times what a PyTorch user runs without
-populations: the same ConvNet-3 trained one model after another in an eager Python loop; the
-population's speed-up over it is printed for N = 32.
-
-``--quick`` shrinks everything (N, batch, width, steps) so that it finishes in under 2 minutes
-on a 2-core CPU; its numbers only show that the benchmark runs. ``--models`` times a subset (the
-full run on one GPU takes several minutes, most of it ResNet-18).
+With PyTorch and a CUDA GPU it also times the same ConvNet-3s trained one after another in an
+eager PyTorch loop (the baseline, in the same process) and prints the largest population's
+speed-up over it. ``--quick`` shrinks N, batch, width and steps to check on a CPU that the script
+runs; ``--models`` times a subset.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ training pass), as achieved by the bf16 step, against the card's bf16 matmul rat
 (a large ``jnp.dot``). The attack's backward passes need no weight gradients, so the count is an
 upper bound on the work done, as is usual for model-FLOP utilization.
 
-``--quick`` shrinks everything (width 8, batch 4, few iterations) to run on a 2-core CPU in well
-under two minutes; its numbers only show that the benchmark runs. ``--torch-device cpu`` times
+``--quick`` shrinks everything (width 8, batch 4, few iterations) to run on a CPU; its numbers
+only show that the benchmark runs. ``--torch-device cpu`` times
 the PyTorch step on the CPU (to check that code path where there is no GPU).
 """
 
@@ -108,15 +108,13 @@ def time_jax(dtype: str, settings: Settings, images: np.ndarray,
                     **rst.MODEL_OPTIONS)
   params, batch_stats = train_lib.init_variables(jax.random.key(0), model, IMAGE_SHAPE)
   prunable = tickets.prunable(params)
-  ticket = rst.init_ticket(jax.random.key(1), jax.random.key(2), params, settings.keep_ratio,
-                           prunable)
+  kept = tickets.kept_counts(params, settings.keep_ratio, prunable)
+  ticket = rst.init_ticket(jax.random.key(1), jax.random.key(2), params, kept, prunable)
   optimizer = rst.score_optimizer(LEARNING_RATE)
-  state = train_lib.create_train_state(jax.random.key(3), rst.search_params(ticket),
-                                       batch_stats, optimizer)
+  state = rst.init_search_state(jax.random.key(3), ticket, batch_stats, optimizer)
   step = rst.make_search_step(train_lib.model_apply_fn(model, MEAN, STD), optimizer, prunable,
                               batch_size=settings.batch_size, augment=None, attack=ATTACK)
-  run = jax.jit(train_lib.repeat(lambda state, data: step(state, data, settings.keep_ratio),
-                                 settings.steps_per_call))
+  run = jax.jit(train_lib.repeat(step, settings.steps_per_call))
   data = train_lib.device_data(data_lib.Split(images, labels))
   holder = {"state": state}
 
@@ -139,8 +137,7 @@ def matmul_rate(size: int, timings: int = 5, chain: int = 50, warmup_s: float = 
 
   ``chain`` products run in one compiled call, each multiplying the last one's result (so none
   can be dropped or hoisted), after ``warmup_s`` seconds of the same calls: a few products right
-  after the card idled run below its full clocks (a 13 ms estimate read 584.5 TFLOP/s on an H200
-  whose longer runs give ~790).
+  after the card idled run below its full clocks.
   """
   x = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
   # Scaled so that repeated products keep unit variance.

@@ -1,4 +1,4 @@
-"""Config -> library objects, shared by every study runner."""
+"""Config -> library objects, shared by every study runner (configs are checked in ``checks``)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,10 @@ import optax
 from jaxtickets import data as data_lib
 from jaxtickets import loop, models, population
 from jaxtickets import train as train_lib
-from jaxtickets import errors
 from jaxtickets.errors import UserError
 
 AUGMENTS = {"none": None, "crop_flip": train_lib.crop_flip}
 SCHEDULES = ("cosine", "multistep", "constant")
-# Seeds seed both jax and NumPy generators; NumPy's legacy ones take [0, 2**32).
-_MAX_SEED = 2**32 - 1
 
 
 def seed_key(seed: int, purposes: Sequence[str], purpose: str, *indices: int) -> jax.Array:
@@ -29,56 +26,6 @@ def seed_key(seed: int, purposes: Sequence[str], purpose: str, *indices: int) ->
   for index in indices:
     key = jax.random.fold_in(key, index)
   return key
-
-
-def check_seed(name: str, seed: Any) -> None:
-  """Raises a UserError naming ``name`` unless ``seed`` is an int in [0, 2**32)."""
-  errors.check_int(name, seed, 0)
-  if seed > _MAX_SEED:
-    raise UserError(f"{name}={seed!r}; expected an int in [0, {_MAX_SEED}]")
-
-
-def check_training(config: ml_collections.ConfigDict, prefix: str = "") -> None:
-  """Raises a UserError naming the field for a bad value of a ``configs.common.training``
-  field (``prefix`` names a nested one, e.g. ``"source."``), before anything is loaded.
-
-  A nested block may leave out ``model``, ``model_options`` and ``seed`` (its study's are used).
-  """
-  for name in ("dataset", "model"):
-    if name in config and not isinstance(config[name], str):
-      raise UserError(f"{prefix}{name}={config[name]!r}; expected a name")
-  if "model_options" in config and not isinstance(config.model_options,
-                                                  ml_collections.ConfigDict):
-    raise UserError(f"{prefix}model_options={config.model_options!r}; expected keyword options "
-                    f"(--set {prefix}model_options.KEY=VALUE)")
-  errors.check_int(f"{prefix}batch_size", config.batch_size)
-  if "seed" in config:
-    check_seed(f"{prefix}seed", config.seed)
-  check_optimizer(config, prefix)
-  augment(config)
-
-
-def check_optimizer(config: ml_collections.ConfigDict, prefix: str = "", *,
-                    min_epochs: int = 1) -> None:
-  """Raises a UserError naming the field for a bad ``epochs``, ``learning_rate``,
-  ``momentum``, ``weight_decay``, ``schedule``, ``milestones`` or ``gamma``."""
-  errors.check_int(f"{prefix}epochs", config.epochs, min_epochs)
-  errors.check_number(f"{prefix}learning_rate", config.learning_rate, 0, strict=True)
-  errors.check_number(f"{prefix}momentum", config.momentum, 0, 1)
-  errors.check_number(f"{prefix}weight_decay", config.weight_decay, 0)
-  errors.check_number(f"{prefix}gamma", config.gamma, 0, strict=True)
-  milestones = config.milestones
-  if (not isinstance(milestones, (tuple, list))
-      or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones)
-      or list(milestones) != sorted(milestones)):
-    raise UserError(f"{prefix}milestones={milestones!r}; expected ascending epochs (ints >= 1)")
-  _check_schedule_name(config, prefix)
-
-
-def _check_schedule_name(config: ml_collections.ConfigDict, prefix: str = "") -> None:
-  if config.schedule not in SCHEDULES:
-    raise UserError(f"unknown {prefix}schedule {config.schedule!r}; known: "
-                    f"{', '.join(SCHEDULES)}")
 
 
 def dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
@@ -116,7 +63,8 @@ def augment(config: ml_collections.ConfigDict) -> train_lib.Augment | None:
 
 
 def schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  _check_schedule_name(config)
+  """The learning-rate schedule ``config.schedule`` names (``checks.check_optimizer`` refuses
+  names outside SCHEDULES)."""
   if config.schedule == "cosine":
     return train_lib.cosine_schedule(config.learning_rate, config.epochs * steps_per_epoch)
   if config.schedule == "multistep":
@@ -142,32 +90,27 @@ def population_options(config: ml_collections.ConfigDict, params: Any,
   return {"strategy": config.strategy, "chunk_size": config.get("chunk_size")}
 
 
-def check_population_sizes(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> None:
-  """Raises UserError when ``strategy`` "shard" cannot split one of the study's populations
-  (``sizes``: what it is -> its members) evenly over the devices, before anything trains."""
-  if config.strategy != "shard":
-    return
-  devices = jax.device_count()
-  for name, size in sizes.items():
-    if size % devices:
-      raise UserError(f"strategy 'shard' splits every population evenly over the {devices} "
-                      f"devices; {name}: {size} members")
+def fit_model(config: ml_collections.ConfigDict, apply_fn: train_lib.ApplyFn, key: jax.Array,
+              params: Any, batch_stats: Any, train: data_lib.Split, *,
+              workdir: str | pathlib.Path | None,
+              evaluate: Callable[[train_lib.TrainState], Mapping[str, Any]] | None = None,
+              progress: bool = True, description: str = "train"
+              ) -> tuple[train_lib.TrainState, list[dict]]:
+  """Trains one model from ``params`` and ``batch_stats`` on ``train`` for ``config.epochs``
+  (its :func:`optimizer` and :func:`augment`; ``key``: the state's, for batches and
+  augmentation), evaluating (and checkpointing in ``workdir``, resumable) every epoch.
 
-
-def check_population_options(config: ml_collections.ConfigDict) -> None:
-  """Raises UserError for a bad ``strategy``/``chunk_size`` before anything is loaded."""
-  chunk_size = config.get("chunk_size")
-  if config.strategy is not None:
-    if config.strategy not in population.STRATEGIES:
-      raise UserError(f"unknown population strategy {config.strategy!r}; known: "
-                      f"{', '.join(population.STRATEGIES)}")
-    if chunk_size is not None:
-      if config.strategy != "map":
-        raise UserError(f"chunk_size={chunk_size!r} applies to strategy 'map' only")
-      errors.check_int("chunk_size", chunk_size)
-  elif chunk_size is not None:
-    raise UserError(f"chunk_size={config.chunk_size!r} applies to strategy 'map'; strategy is "
-                    "None (the measured default)")
+  Returns:
+    The final TrainState and the evaluation records.
+  """
+  steps_per_epoch = data_lib.steps_per_epoch(len(train.labels), config.batch_size)
+  tx = optimizer(config, steps_per_epoch)
+  step = train_lib.make_train_step(apply_fn, tx, batch_size=config.batch_size,
+                                   augment=augment(config))
+  return loop.fit(step, train_lib.create_train_state(key, params, batch_stats, tx),
+                  train_lib.device_data(train), num_steps=config.epochs * steps_per_epoch,
+                  eval_every=steps_per_epoch, evaluate=evaluate, workdir=workdir,
+                  progress=progress, description=description)
 
 
 def fit_population(config: ml_collections.ConfigDict, step: Callable[..., Any], states: Any,

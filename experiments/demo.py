@@ -7,28 +7,34 @@ so re-running resumes instead of starting over.
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import time
 
 import jax
 
-from experiments import aws, dense, distill, rst, transfusion
-from jaxtickets import report as report_lib
+from experiments import report as report_module
 from jaxtickets import errors
+from jaxtickets import report as report_lib
 from jaxtickets.errors import exit_on_user_error
 
-# Each study module contributes ``demo_section(report, workdir)``, run in this order.
-STUDIES = (dense, rst, aws, distill, transfusion)
+# (study, its preset), run in this order, each into ``workdir / study``.
+STUDIES = (("dense", "digits_convnet3"), ("rst", "digits"), ("aws", "digits"),
+           ("distill", "digits"), ("transfusion", "digits"))
 
 
 def run(workdir: str | pathlib.Path) -> pathlib.Path:
   workdir = pathlib.Path(workdir)
   report = report_lib.Report(workdir, "jaxtickets demo (digits, CPU scale)")
-  for study in STUDIES:
+  for study, preset in STUDIES:
     started = time.perf_counter()
-    study.demo_section(report, workdir)
-    name = study.__name__.rsplit(".", 1)[-1]
-    report.text(f"_{name} section: {time.perf_counter() - started:.0f} s on "
+    runner = importlib.import_module(f"experiments.{study}")
+    configs = importlib.import_module(f"experiments.configs.{study}")
+    runner.train_and_evaluate(configs.get_config(preset), workdir / study)
+    # The sections come from results.json, as ``python -m experiments.report`` renders them.
+    results = report_module.load(workdir / study)
+    report_module.module(study).add_sections(report, results, workdir / study)
+    report.text(f"_{study} section: {time.perf_counter() - started:.0f} s on "
                 f"{jax.default_backend()}_\n")
   return report.write()
 

@@ -33,8 +33,6 @@ its batch-statistics update discarded); under ``jit`` it costs nothing when unus
 from __future__ import annotations
 
 import functools
-import inspect
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,7 +42,6 @@ import numpy as np
 import optax
 
 from jaxtickets import data as data_lib
-from jaxtickets import errors
 from jaxtickets.errors import UserError
 from jaxtickets.train import ApplyFn
 
@@ -116,7 +113,9 @@ def _loss_fn(loss: str, kappa: float) -> LossFn:
     return optax.softmax_cross_entropy_with_integer_labels
   if loss == "cw":
     return functools.partial(margin_loss, kappa=kappa)
-  return dlr_loss
+  if loss == "dlr":
+    return dlr_loss
+  raise UserError(f"unknown attack loss {loss!r}; known: {', '.join(LOSSES)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,25 +251,6 @@ def _with_restarts(run: Callable[[PyTree, jax.Array], tuple[jax.Array, PyTree]],
   return AttackResult(jax.lax.stop_gradient(x_adv), success, stats if train else batch_stats)
 
 
-def _check_options(*, eps: Any, norm: str, loss: str, num_steps: int, restarts: int,
-                   eot_samples: int, step_size: Any = None) -> None:
-  """Raises UserError for an option outside its domain (traced ``eps``/``step_size`` pass)."""
-  if norm not in NORMS:
-    raise UserError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
-  if loss not in LOSSES:
-    raise UserError(f"unknown attack loss {loss!r}; known: {', '.join(LOSSES)}")
-  concrete_eps = isinstance(eps, numbers.Real)
-  if concrete_eps:
-    errors.check_number("eps", eps, 0)
-  # A negative step descends the loss and a zero one never moves: both would report an inflated
-  # robust accuracy without any error.
-  if isinstance(step_size, numbers.Real) and not (concrete_eps and eps == 0):
-    errors.check_number("step_size", step_size, 0, strict=True)
-  for option, value in (("num_steps", num_steps), ("restarts", restarts),
-                        ("eot_samples", eot_samples)):
-    errors.check_int(option, value)
-
-
 # ----------------------------------------------------------------------------------------------
 # PGD and FGSM
 
@@ -291,29 +271,28 @@ def pgd(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree, x: jax.Array, y:
     x: f32[B, H, W, C] clean pixels in [0, 1].
     y: i32[B] labels.
     key: PRNG key (random start, and the network's randomness).
-    eps: radius of the ball.
-    step_size: length of each step (Linf: per pixel; L2: of the whole step).
-    num_steps: gradient steps.
+    eps: radius of the ball, >= 0.
+    step_size: length of each step (Linf: per pixel; L2: of the whole step), > 0.
+    num_steps: gradient steps, >= 1.
     norm: "linf" or "l2".
     random_start: start from a point uniform in the ball (else from ``x``).
-    restarts: independent runs; per example the first successful one (else the one of highest
-      loss) is kept.
+    restarts: independent runs, >= 1; per example the first successful one (else the one of
+      highest loss) is kept.
     loss: "ce" (cross-entropy), "cw" (:func:`margin_loss`: CW-margin PGD) or "dlr".
     kappa: confidence of the "cw" loss.
     early_stop: freeze each example once it is misclassified (only still-correct inputs are
       updated, as in RST's evaluation), so an example once fooled stays fooled.
-    eot_samples: passes averaged per gradient step (see :func:`expected_gradient`).
+    eot_samples: passes averaged per gradient step, >= 1 (see :func:`expected_gradient`).
     train: run the network in train mode and update its running statistics on every pass.
 
   Returns:
     The :class:`AttackResult`.
 
   Raises:
-    UserError: unknown norm or loss, negative eps, a step size <= 0 (with eps > 0),
-      non-positive counts.
+    UserError: unknown norm or loss; DLR with fewer than 3 classes.
   """
-  _check_options(eps=eps, norm=norm, loss=loss, num_steps=num_steps, restarts=restarts,
-                 eot_samples=eot_samples, step_size=step_size)
+  if norm not in NORMS:  # Any other name would silently be taken for L2.
+    raise UserError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
   loss_fn = _loss_fn(loss, kappa)
 
   def run(batch_stats, key):
@@ -477,7 +456,7 @@ def apgd(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree, x: jax.Array, y
   else the highest-loss one. Uses ``num_steps + 1`` gradient evaluations per restart.
 
   Args:
-    num_steps: iterations (AutoAttack: 100).
+    num_steps: iterations, >= 1 (AutoAttack: 100).
     loss: "ce", "dlr" (needs >= 3 classes) or "cw".
     rho: threshold of the step-size condition 1.
     momentum: weight of the new step against the previous displacement (alpha in the paper).
@@ -487,10 +466,8 @@ def apgd(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree, x: jax.Array, y
     The :class:`AttackResult`.
 
   Raises:
-    UserError: unknown loss, DLR with fewer than 3 classes, negative eps, non-positive counts.
+    UserError: unknown loss; DLR with fewer than 3 classes.
   """
-  _check_options(eps=eps, norm="linf", loss=loss, num_steps=num_steps, restarts=restarts,
-                 eot_samples=eot_samples)
   loss_fn = _loss_fn(loss, kappa)
   is_checkpoint, interval = _checkpoint_table(num_steps)
 
@@ -552,21 +529,20 @@ def get_attack(name: str, **options: Any) -> Attack:
 
   Names: "fgsm", "pgd" (CE loss), "cw" (PGD on the CW margin), "apgd-ce", "apgd-dlr".
 
+  Args:
+    name: one of the names above.
+    **options: keyword options of the attack's function (:func:`fgsm`, :func:`pgd` or
+      :func:`apgd`) other than the ``loss`` its name fixes.
+
   Returns:
     ``attack(apply_fn, params, batch_stats, x, y, key) -> AttackResult``.
 
   Raises:
-    UserError: unknown name, an option the attack does not take, or one its name fixes.
+    UserError: unknown name.
   """
   if name not in _ATTACKS:
     raise UserError(f"unknown attack {name!r}; known: {', '.join(_ATTACKS)}")
   attack, fixed = _ATTACKS[name]
-  parameters = inspect.signature(attack).parameters
-  for option in options:
-    if option in fixed:
-      raise UserError(f"attack {name!r} fixes {option}={fixed[option]!r}")
-    if option not in parameters or parameters[option].kind != inspect.Parameter.KEYWORD_ONLY:
-      raise UserError(f"attack {name!r} has no option {option!r}")
   return functools.partial(attack, **fixed, **options)
 
 
@@ -575,11 +551,9 @@ def robust_accuracy(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree,
                     batch_size: int = 500) -> dict[str, jax.Array]:
   """Clean and robust accuracy of a whole split, in fixed-size padded batches.
 
-  An example counts as robust when the attack fails on it: the network, in the attack's own mode
-  (eval mode for :func:`get_attack`'s evaluation attacks, as RST's evaluation runs them),
-  classifies its adversarial version correctly, as RST's evaluation counts (``model(X +
-  pgd_delta)`` against ``y``; an example misclassified clean is almost never right after the
-  attack). A train-mode attack would judge with batch statistics of the padded batch. Batches
+  An example counts as robust when the network, in the attack's mode, classifies its adversarial
+  version correctly (RST's evaluation: ``model(X + pgd_delta)`` against ``y``); pass an
+  eval-mode attack, as a train-mode one would judge with the padded batch's statistics. Batches
   run through ``lax.map``, so any split size compiles once; to reuse that compilation across
   calls, jit a function that closes over ``apply_fn`` and ``attack``.
 
@@ -587,8 +561,8 @@ def robust_accuracy(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree,
     apply_fn: the network.
     images_u8: u8[N, H, W, C].
     labels: i32[N].
-    key: PRNG key; batch b is attacked with ``jax.random.split(key, num_batches)[b]`` (as in
-      ``rst.transfer_matrix``), and its clean pass gets that key folded with 1.
+    key: PRNG key; batch b is attacked with ``jax.random.split(key, num_batches)[b]``, and its
+      clean pass gets that key folded with 1.
     attack: ``attack(apply_fn, params, batch_stats, x, y, key) -> AttackResult``, e.g. from
       :func:`get_attack`.
     batch_size: examples per batch (at most N).

@@ -1,41 +1,26 @@
-"""A Winning Sign (Oh, Baik, Lee; ICLR 2025): iterative pruning with norm interpolation, transfer.
+"""A Winning Sign (Oh, Baik, Lee; ICLR 2025); official code JungHunOh/AWS_ICLR2025.
 
-Official code: JungHunOh/AWS_ICLR2025. Everything here is a pure function of explicit arguments.
+The paper, mapped to this module:
 
-**Sparse training.** A network under pruning is a :class:`SparseState`: a ``train.TrainState``,
-its bool mask and whether it trains with AWS. :func:`make_sparse_step` is
-``train.make_train_step`` on :func:`aws_apply_fn`, whose forward pass multiplies the weights by
-the mask (the reference's ``weight * fixed_m``, so pruned weights receive no gradient), and which
-then re-applies the mask to the updated params, so pruned weights stay exactly zero whatever the
-optimizer does (the reference leaves them to drift under weight decay, unused). LRR and AWS
-members differ only in ``SparseState.aws`` and can share one population.
-
-**AWS.** On every training step one ``alpha ~ U(0, 1)`` (drawn from the step's model key) is
-shared by all norm layers, whose forward pass uses ``gamma_eff = alpha + (1 - alpha) * gamma``
-and ``beta_eff = (1 - alpha) * beta``: the point at ``alpha`` on the line from the trained norm
-params to their initial values (1, 0). Running statistics keep updating under that forward
-pass; evaluation (``train=False``) uses ``alpha = 0``. With ``aws=False`` the step is exactly
-plain training. This is a param transform (:func:`interpolate_norms`), so it works for any
-norm layer whose module name contains ``norm`` (BatchNorm, GroupNorm, LayerNorm alike).
-
-**Pruning** (:func:`next_round`): learning-rate rewinding (LRR): each round removes ``fraction``
-(0.2) of the surviving prunable weights by one global magnitude threshold
-(``tickets.prune_by_magnitude``; of S survivors ``int(S * 0.8)`` stay), training continues from
-the current weights (optionally rewound to init: IMP), the optimizer state is reset. Prunable:
-every conv (first, shortcut and depthwise ones too) and every dense layer except the classifier
-(:func:`prunable_leaves`); biases, norms and the classifier stay dense.
-
-**Transfer** (:func:`transfer`) of a pruned network to a fresh initialization: ``"sign"``
-(``|w_init| * sign(w_T * m)`` with mask ``sign != 0``; biases and the classifier get
-``|init| * sign(trained)``; norm params and statistics reset), ``"mask"`` (``w_init * m``),
-``"retrain"`` (``w_T * m`` with the trained norms and statistics) and ``"dense"`` (the fresh
-network unpruned, the baseline).
+- Sparse training (the reference's ``weight * fixed_m``): a :class:`SparseState` trained by
+  :func:`make_sparse_step`, which masks the weights in the forward pass and re-masks them after
+  every update, so pruned weights stay exactly zero (``sign(w) == 0`` marks them).
+- AWS: on every training step one ``alpha ~ U(0, 1)`` moves all norm layers to
+  ``gamma = alpha + (1 - alpha) * gamma``, ``beta = (1 - alpha) * beta``, the point at ``alpha``
+  on the line to their initial values (1, 0) (:func:`interpolate_norms`, :func:`aws_apply_fn`);
+  evaluation uses ``alpha = 0``. LRR and AWS members differ only in ``SparseState.aws``.
+- LRR (learning-rate rewinding): :func:`next_round` removes a share of the survivors by one
+  global magnitude threshold (:func:`prune`) and resets the optimizer; of S survivors
+  ``int(S * (1 - fraction))`` stay (:func:`survivor_counts`, host-side). Prunable: every conv and
+  dense kernel except the classifier's (:func:`prunable_leaves`).
+- Transfer of a pruned network to a fresh init (:func:`transfer`): ``"sign"``
+  (``|w_init| * sign(w_T * m)`` with mask ``sign != 0``; biases and the classifier get
+  ``|init| * sign(trained)``; norms reset), ``"mask"`` (``w_init * m``), ``"retrain"`` (``w_T * m``
+  with the trained norms and statistics), ``"dense"`` (the fresh network unpruned).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -46,7 +31,6 @@ import optax
 
 from jaxtickets import paths, tickets
 from jaxtickets import train as train_lib
-from jaxtickets.errors import UserError
 
 PyTree = Any
 
@@ -54,14 +38,8 @@ METHODS = ("lrr", "aws")
 TRAINED_TRANSFERS = ("sign", "mask", "retrain")  # transfers of a pruned network
 TRANSFERS = (*TRAINED_TRANSFERS, "dense")
 REWINDS = ("none", "init")
-# The share of the surviving weights each round removes (the reference's pruning_ratio).
-DEFAULT_FRACTION = 0.2
 # Initial values of norm affine params: the end of AWS's interpolation line.
 _NORM_INIT = {"scale": 1.0, "bias": 0.0}
-
-
-# ----------------------------------------------------------------------------------------------
-# Norm interpolation
 
 
 def _is_norm_leaf(path: Sequence[Any]) -> bool:
@@ -74,22 +52,14 @@ def norm_leaves(params: PyTree) -> PyTree:
 
 
 def interpolate_norms(params: PyTree, alpha: float | jax.Array) -> PyTree:
-  """AWS's norm params at ``alpha``: ``scale -> alpha + (1 - alpha) * scale``,
-  ``bias -> (1 - alpha) * bias``; every other leaf unchanged.
-
-  ``alpha = 0`` returns the params exactly; ``alpha = 1`` the initialized norms (1, 0).
-
-  Args:
-    params: float tree (the model's params).
-    alpha: f32[] in [0, 1] (may be traced).
-  """
+  """Norm params at ``alpha`` (f32[], may be traced): ``scale -> alpha + (1 - alpha) * scale``,
+  ``bias -> (1 - alpha) * bias``; other leaves unchanged. ``alpha = 0`` returns ``params``."""
 
   def interpolate(path: Sequence[Any], leaf: jax.Array) -> jax.Array:
     if not _is_norm_leaf(path):
       return leaf
     alpha_ = jnp.asarray(alpha, leaf.dtype)
-    initial = _NORM_INIT[paths.key_name(path[-1])]
-    return alpha_ * initial + (1 - alpha_) * leaf
+    return alpha_ * _NORM_INIT[paths.key_name(path[-1])] + (1 - alpha_) * leaf
 
   return jax.tree.map_with_path(interpolate, params)
 
@@ -101,50 +71,29 @@ def initialized_norms(params: PyTree) -> PyTree:
 
 def aws_apply_fn(model_apply_fn: train_lib.ApplyFn, mask: PyTree,
                  aws: bool | jax.Array) -> train_lib.ApplyFn:
-  """The ``ApplyFn`` of a masked network that trains with AWS when ``aws`` is true.
-
-  Forward: ``model_apply_fn(interpolate_norms(where(mask, params, 0), alpha))`` with
-  ``alpha ~ U(0, 1)`` drawn from ``key`` in train mode when ``aws``, else ``alpha = 0`` (then
-  the norms are the params exactly). Eval mode never interpolates.
-
-  Args:
-    model_apply_fn: the plain network (``train.model_apply_fn``).
-    mask: bool tree shaped like the params.
-    aws: bool[] (may be traced: a population member's flag) or a Python bool.
+  """The masked network, training with AWS when ``aws`` (bool[] or Python bool) is true.
 
   Returns:
-    ``apply_fn(params, batch_stats, x, train, key=None)``; ``key`` is needed in train mode
-    unless ``aws`` is a Python False (e.g. for ``lmc.recalibrate``).
+    ``apply_fn(params, batch_stats, x, train, key=None)``: ``model_apply_fn`` on
+    ``interpolate_norms(where(mask, params, 0), alpha)``, ``alpha ~ U(0, 1)`` from ``key`` in
+    train mode when ``aws``, else 0. ``key`` is required in train mode unless ``aws`` is a
+    Python False.
   """
 
   def apply_fn(params, batch_stats, x, train, key=None):
     params = tickets.apply_mask(params, mask)
     if train and aws is not False:
-      if key is None:
-        raise UserError("an AWS network draws its interpolation point from a key in train "
-                        "mode; pass one")
-      alpha = jnp.where(aws, jax.random.uniform(key), 0.0)
-      params = interpolate_norms(params, alpha)
+      params = interpolate_norms(params, jnp.where(aws, jax.random.uniform(key), 0.0))
     return model_apply_fn(params, batch_stats, x, train, key)
 
   return apply_fn
 
 
-# ----------------------------------------------------------------------------------------------
-# Sparse training
-
-
 class SparseState(NamedTuple):
-  """A masked network in training; a population has a leading member axis on every leaf.
-
-  Attributes:
-    train: the ``TrainState``; its params are exactly zero where ``mask`` is False.
-    mask: bool tree shaped like the params (all-True on leaves that are not prunable).
-    aws: bool[]: train with AWS's norm interpolation (False: plain training, e.g. LRR).
-  """
-  train: train_lib.TrainState
-  mask: PyTree
-  aws: jax.Array
+  """A masked network in training; a population has a leading member axis on every leaf."""
+  train: train_lib.TrainState  # params exactly zero where mask is False
+  mask: PyTree  # bool, shaped like the params (all-True on leaves that are not prunable)
+  aws: jax.Array  # bool[]: train with AWS's norm interpolation (False: plain training, LRR)
 
   @property
   def step(self) -> jax.Array:
@@ -160,6 +109,22 @@ def prunable_leaves(params: PyTree) -> PyTree:
   return tickets.prunable(params, first_conv=True, shortcut=True, classifier=False)
 
 
+def num_prunable(params: PyTree, prunable: PyTree) -> int:
+  """Entries of the prunable leaves: the survivors of a dense network."""
+  return sum(int(np.size(leaf)) for leaf, flag in zip(jax.tree.leaves(params),
+                                                      jax.tree.leaves(prunable)) if flag)
+
+
+def survivor_counts(survivors: int, rounds: int, fraction: float) -> list[int]:
+  """Survivors before round 1 (``survivors``) and after each of ``rounds`` rounds that remove
+  ``fraction`` of them: of S, ``int(S * (1 - fraction))`` stay (the reference's float64 count,
+  so with fraction 0.2 ``ceil(0.2 S)`` go)."""
+  counts = [survivors]
+  for _ in range(rounds):
+    counts.append(int(counts[-1] * (1 - fraction)))
+  return counts
+
+
 def dense_mask(params: PyTree) -> PyTree:
   """An all-True mask shaped like ``params``."""
   return jax.tree.map(lambda leaf: jnp.ones(jnp.shape(leaf), bool), params)
@@ -168,16 +133,8 @@ def dense_mask(params: PyTree) -> PyTree:
 def init_sparse_state(key: jax.Array, params: PyTree, batch_stats: PyTree, mask: PyTree,
                       aws: bool | jax.Array, optimizer: optax.GradientTransformation
                       ) -> SparseState:
-  """A fresh sparse member: ``params`` masked, a new optimizer state, step 0.
-
-  Args:
-    key: the member's PRNG key (data order, augmentation, AWS's alpha draws).
-    params: float tree.
-    batch_stats: BatchNorm statistics ({} without BatchNorm).
-    mask: bool tree shaped like ``params``.
-    aws: whether the member trains with AWS.
-    optimizer: its optimizer.
-  """
+  """A fresh member: ``params`` masked by ``mask``, a new optimizer state, step 0; ``key`` draws
+  its data order, augmentation and AWS's alphas."""
   params = tickets.apply_mask(params, mask)
   return SparseState(train_lib.create_train_state(key, params, batch_stats, optimizer), mask,
                      jnp.asarray(aws, bool))
@@ -186,17 +143,14 @@ def init_sparse_state(key: jax.Array, params: PyTree, batch_stats: PyTree, mask:
 def make_sparse_step(model_apply_fn: train_lib.ApplyFn, optimizer: optax.GradientTransformation,
                      *, batch_size: int,
                      augment: train_lib.Augment | None = train_lib.crop_flip) -> SparseStep:
-  """One optimizer step of a :class:`SparseState` (LRR, AWS, or fine-tuning a fixed mask).
+  """``step(state, data) -> (state, {"loss", "accuracy"})``: one optimizer step of a
+  :class:`SparseState` (LRR, AWS, or fine-tuning a fixed mask), pure and vmappable.
 
   Args:
     model_apply_fn: the plain network on pixels in [0, 1].
     optimizer: e.g. ``train.sgd`` (coupled weight decay on all params, as the reference).
     batch_size: examples per step.
-    augment: data augmentation, or None.
-
-  Returns:
-    ``step(state, data) -> (state, {"loss", "accuracy"})``, pure and vmappable (the mask and
-    the AWS flag are read from the state, so members of a population may differ in both).
+    augment: ``(key, u8[B, H, W, C]) -> u8[B, H, W, C]``, or None.
   """
 
   def step(state: SparseState, data: train_lib.Data):
@@ -204,161 +158,60 @@ def make_sparse_step(model_apply_fn: train_lib.ApplyFn, optimizer: optax.Gradien
     train_step = train_lib.make_train_step(apply_fn, optimizer, batch_size=batch_size,
                                            augment=augment)
     trained, metrics = train_step(state.train, data)
-    # The masked forward already zeroes the gradient of pruned weights; re-masking makes them
-    # exactly zero after any update (momentum, weight decay), so sign(w) == 0 marks the pruned.
+    # The masked forward already zeroes the gradient of pruned weights; re-masking keeps them
+    # exactly zero under momentum and weight decay.
     params = tickets.apply_mask(trained.params, state.mask)
     return state._replace(train=trained._replace(params=params)), metrics
 
   return step
 
 
-# ----------------------------------------------------------------------------------------------
-# Pruning
-
-
-def check_fraction(fraction: Any) -> float:
-  """The per-round pruning fraction as a float; UserError unless a number in (0, 1)."""
-  if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not (
-      0 < fraction < 1):
-    raise UserError(f"pruning fraction must be a number in (0, 1), got {fraction!r}")
-  return float(fraction)
-
-
-def check_rounds(rounds: Any) -> int:
-  """The number of pruning rounds; UserError unless an int >= 1."""
-  if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
-    raise UserError(f"pruning rounds must be an int >= 1, got {rounds!r}")
-  return int(rounds)
-
-
-def nominal_densities(rounds: int, fraction: float = DEFAULT_FRACTION) -> list[float]:
-  """``(1 - fraction) ** k`` for k = 1..rounds: the density after each round (the exact counts
-  of ``tickets.prune_by_magnitude`` land at most one weight per round below it).
-
-  Raises:
-    UserError: ``rounds`` < 1 or ``fraction`` outside (0, 1).
-  """
-  rounds, fraction = check_rounds(rounds), check_fraction(fraction)
-  return [(1 - fraction) ** k for k in range(1, rounds + 1)]
-
-
-def rounds_for_densities(densities: Sequence[float], rounds: int,
-                         fraction: float = DEFAULT_FRACTION) -> tuple[int, ...]:
-  """The pruning round whose density ``(1 - fraction) ** k`` is nearest each wanted density.
+def prune(params: PyTree, mask: PyTree, prunable: PyTree,
+          kept: int | jax.Array) -> tuple[PyTree, PyTree]:
+  """One global magnitude cut: ``(params masked by the new mask, new mask)``.
 
   Args:
-    densities: wanted densities, each in (0, 1].
-    rounds: rounds the schedule runs.
-    fraction: share of survivors each round removes.
-
-  Returns:
-    Round numbers k in [1, rounds], one per density, in the given order.
-
-  Raises:
-    UserError: a density outside (0, 1] or nearer to a round outside [1, rounds] (1.0 is the
-      dense network), two densities nearest one round, or bad ``rounds``/``fraction``.
-  """
-  rounds, fraction = check_rounds(rounds), check_fraction(fraction)
-  if np.ndim(densities) != 1 or not len(densities):
-    raise UserError(f"densities={densities!r}; expected a non-empty sequence in (0, 1]")
-  chosen = []
-  for density in densities:
-    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not (
-        0 < density <= 1):
-      raise UserError(f"density must be in (0, 1], got {density!r}")
-    k = round(math.log(density) / math.log(1 - fraction))
-    if not 1 <= k <= rounds:
-      raise UserError(f"density {density!r} is nearest round {k} of a schedule of rounds "
-                      f"1..{rounds} (densities {(1 - fraction):.3g}..{(1 - fraction)**rounds:.3g})")
-    if k in chosen:
-      raise UserError(f"densities {densities[chosen.index(k)]!r} and {density!r} are both "
-                      f"nearest round {k}; each would train the same ticket twice")
-    chosen.append(k)
-  return tuple(chosen)
-
-
-def prune(params: PyTree, mask: PyTree, prunable: PyTree, fraction: float) -> tuple[PyTree, PyTree]:
-  """One pruning step: the global-magnitude mask and the params masked by it.
-
-  Args:
-    params: float tree (trained weights; entries outside ``mask`` are ignored).
+    params: float tree (entries outside ``mask`` are ignored).
     mask: the current bool mask.
     prunable: Python bools, :func:`prunable_leaves`.
-    fraction: share of the surviving prunable weights removed, in [0, 1] (0 keeps the mask).
-
-  Returns:
-    ``(masked params, new mask)``. Jittable and vmappable (masks may be traced).
+    kept: int or i32[] (may be traced): survivors that stay, at most those of ``mask``
+      (:func:`survivor_counts`); the largest |w| stay, ties by index.
   """
-  new_mask = tickets.prune_by_magnitude(params, mask, fraction, prunable, scope="global")
+  new_mask = tickets.prune_by_magnitude(params, mask, kept, prunable, scope="global")
   return tickets.apply_mask(params, new_mask), new_mask
 
 
 def next_round(state: SparseState, optimizer: optax.GradientTransformation, prunable: PyTree, *,
-               fraction: float, key: jax.Array, rewind: SparseState | None = None
-               ) -> SparseState:
-  """The start of the next pruning round after ``state`` finished training.
-
-  Prunes ``fraction`` of the survivors (:func:`prune`), resets the optimizer state and the step
-  count (the reference rebuilds its optimizer each round) and gives the round its own key.
+               kept: int | jax.Array, key: jax.Array,
+               rewind: SparseState | None = None) -> SparseState:
+  """The first state of the next pruning round after ``state`` finished training: pruned to
+  ``kept`` survivors (:func:`prune`), a fresh optimizer state, step 0 and key ``key``.
 
   Args:
-    state: the member at the end of a round.
-    optimizer: the round's optimizer.
-    prunable: Python bools, :func:`prunable_leaves`.
-    fraction: share of surviving weights removed (0.0: keep the mask, e.g. after the warm-up).
-    key: PRNG key of the new round (data order, AWS draws).
-    rewind: None for LRR (training continues from the current weights); a state whose params
-      and statistics the new round starts from instead (IMP rewinding, e.g. the initial state).
-
-  Returns:
-    The new round's first state. Jittable and vmappable.
+    rewind: None for LRR (continue from the pruned weights); for IMP, a state whose params and
+      statistics the round restarts from under the new mask.
   """
-  params, mask = prune(state.train.params, state.mask, prunable, fraction)
+  params, mask = prune(state.train.params, state.mask, prunable, kept)
   batch_stats = state.train.batch_stats
   if rewind is not None:
     params, batch_stats = rewind.train.params, rewind.train.batch_stats
   return init_sparse_state(key, params, batch_stats, mask, state.aws, optimizer)
 
 
-# ----------------------------------------------------------------------------------------------
-# Transfer
-
-
-def check_transfer(variant: str) -> str:
-  """``variant`` if it is one of :data:`TRANSFERS`, else UserError."""
-  if variant not in TRANSFERS:
-    raise UserError(f"unknown transfer {variant!r}; known: {', '.join(TRANSFERS)}")
-  return variant
-
-
 def transfer(variant: str, trained_params: PyTree, trained_stats: PyTree, mask: PyTree,
              fresh_params: PyTree, fresh_stats: PyTree,
              prunable: PyTree) -> tuple[PyTree, PyTree, PyTree]:
-  """The starting point of one transfer experiment (see module docstring).
-
-  Args:
-    variant: one of :data:`TRANSFERS`.
-    trained_params: the pruned network's params (entries outside ``mask`` ignored).
-    trained_stats: its BatchNorm statistics.
-    mask: its bool mask.
-    fresh_params: a fresh initialization of the same model (new key).
-    fresh_stats: its (initial) statistics.
-    prunable: Python bools, :func:`prunable_leaves`.
-
-  Returns:
-    ``(params, batch_stats, mask)`` to train from; params are zero outside the mask.
-    Jittable and vmappable.
-
-  Raises:
-    UserError: unknown variant or mismatched trees.
-  """
-  check_transfer(variant)
+  """``(params, batch_stats, mask)`` that a transfer ``variant`` (one of :data:`TRANSFERS`)
+  trains from: the pruned network (``trained_*``, ``mask``) moved onto a fresh initialization of
+  the same model (``fresh_*``); params are zero outside the returned mask."""
   if variant == "retrain":
     return tickets.apply_mask(trained_params, mask), trained_stats, mask
   if variant == "mask":
     return tickets.apply_mask(fresh_params, mask), fresh_stats, mask
   if variant == "dense":
     return fresh_params, fresh_stats, dense_mask(fresh_params)
+  if variant != "sign":  # anything else would silently run as a sign transfer
+    raise ValueError(f"unknown transfer {variant!r}; known: {', '.join(TRANSFERS)}")
   signs = tickets.signs_of(tickets.apply_mask(trained_params, mask))
   sign_mask = tickets.mask_from_signs(signs, prunable)
   # Kernels and biases of every conv/dense layer, the classifier included; norms stay fresh.

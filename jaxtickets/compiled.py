@@ -11,7 +11,7 @@ them out of every step on CPU.
 
 **Naive convolutions (CPU).** XLA:CPU runs a convolution through Eigen only in NHWC / HWIO /
 NHWC form, and rewrites the others into it only outside loop bodies; inside a loop they run on
-a naive emitter, 10-100x slower (``models.conv``). :func:`noncanonical_convolutions` lists
+a naive emitter, far slower (``models.conv``). :func:`noncanonical_convolutions` lists
 them from an XLA:CPU program.
 
 Usage::

@@ -16,9 +16,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxtickets import checkpoint as checkpoint_lib
-from jaxtickets import errors
 from jaxtickets import metrics as metrics_lib
 from jaxtickets import train as train_lib
+from jaxtickets.errors import UserError
 
 Step = Callable[[Any, train_lib.Data], tuple[Any, Mapping[str, jax.Array]]]
 
@@ -52,33 +52,27 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
     step: ``(state, data) -> (state, metrics)``.
     state: a ``TrainState`` or a population of them (leading axis).
     data: the training split.
-    num_steps: total optimizer steps.
-    eval_every: steps between evaluations/checkpoints (usually one epoch).
+    num_steps: total optimizer steps, an int >= 0.
+    eval_every: steps between evaluations/checkpoints (usually one epoch), an int >= 1.
     evaluate: ``state -> {name: value}`` for the log, or None.
     workdir: where metrics and checkpoints go; None keeps everything in memory.
-    steps_per_call: calls of ``step`` run by one compiled ``lax.scan`` (default:
+    steps_per_call: calls of ``step`` run by one compiled ``lax.scan``, an int >= 1 (default:
       ``default_steps_per_call``).
     progress: show a tqdm bar.
     description: the bar's label.
     step_size: how far one call of ``step`` advances ``state.step`` (a step that runs several
-      iterations at once); ``num_steps``, ``eval_every`` and a restored ``state.step`` count
-      ``state.step`` and must be multiples of it.
+      iterations at once), an int >= 1; ``num_steps``, ``eval_every`` and a restored
+      ``state.step`` count ``state.step`` and must be multiples of it.
 
   Returns:
     The final state and the list of logged records (``{"step", "seconds", "train_<metric>",
     <evaluate's names>}``).
 
   Raises:
-    UserError: counts that are not ints (``num_steps`` >= 0, the others >= 1), or that are not
-      multiples of ``step_size`` (the restored step included: a checkpoint of another
-      schedule).
+    UserError: counts that are not multiples of ``step_size`` (the restored step included: a
+      checkpoint of another schedule).
   """
   started = time.perf_counter()
-  errors.check_int("num_steps", num_steps, minimum=0)
-  errors.check_int("eval_every", eval_every)
-  errors.check_int("step_size", step_size)
-  if steps_per_call is not None:
-    errors.check_int("steps_per_call", steps_per_call)
   steps_per_call = steps_per_call or default_steps_per_call()
   log = checkpointer = None
   if workdir is not None:
@@ -94,8 +88,8 @@ def fit(step: Step, state: Any, data: train_lib.Data, *, num_steps: int, eval_ev
   compiled: dict[int, Callable] = {}
   current = _current_step(state)
   if num_steps % step_size or eval_every % step_size or current % step_size:
-    raise errors.UserError(f"num_steps {num_steps}, eval_every {eval_every} and the restored "
-                           f"step {current} must be multiples of step_size {step_size}")
+    raise UserError(f"num_steps {num_steps}, eval_every {eval_every} and the restored step "
+                    f"{current} must be multiples of step_size {step_size}")
   with tqdm(total=num_steps, initial=current, desc=description, disable=not progress,
             dynamic_ncols=True) as bar:
     while current < num_steps:

@@ -34,9 +34,10 @@ PyTree = Any
 STRATEGIES = ("vmap", "map", "shard")
 MESH_AXIS = "population"
 
-# Fastest strategy per (platform, model family) for one training step of N members, measured by
-# benchmarks/population.py and benchmarks/aws.py (numbers in benchmarks/RESULTS.md). ResNets lose
-# to one-member-at-a-time under vmap: their vmapped conv weights become grouped convolutions.
+# Fastest strategy per (platform, model family), from benchmarks/population.py, aws.py and
+# cpu_loops.py (benchmarks/RESULTS.md, "The strategy table behind population.default_strategy").
+# ResNets lose under vmap (vmapped conv weights become grouped convolutions); ResNet-18's "map"
+# is inferred from one member alone vs vmapped members, not timed at N > 1.
 _MEASURED: dict[tuple[str, str], dict[str, Any]] = {
     ("gpu", "convnet3"): {"strategy": "vmap", "chunk_size": None},
     ("gpu", "resnet18"): {"strategy": "map", "chunk_size": None},

@@ -1,40 +1,33 @@
 """Robust Scratch Tickets (Fu et al., NeurIPS 2021) and the Random RST Switch (R2S).
 
-A ticket is ``Ticket(weights, scores, keep_ratio)``: frozen random weights (shared by every ticket
-drawn from the same dense net: one weight key), one score per weight, and the fraction of each
-layer it keeps. Its subnetwork is ``weights * topk_mask(|scores|, keep_ratio)`` per layer
-(:mod:`jaxtickets.tickets`); every conv, the shortcuts and the bias-free classifier are masked, on
-a model built with :data:`MODEL_OPTIONS` (non-affine BatchNorm with running statistics).
+The paper, in functions:
 
-Searching a ticket trains the scores only. The trained pytree is ``{"scores", "weights"}`` (see
-:func:`search_params`); :func:`score_optimizer` freezes the weights with
-``optax.multi_transform``, and the forward pass of :func:`ticket_apply_fn` stops their gradient,
-so the straight-through estimator sends ``sign(s) * w * dL/dW_eff`` to the scores alone.
+- A ticket: frozen random weights (signed Kaiming constants, shared by every ticket of one dense
+  net), one score per weight, and the entries kept per layer; its subnetwork is the weights under
+  the per-layer top-``kept`` of ``|scores|`` (:class:`Ticket`, :func:`init_ticket`,
+  :func:`ticket_mask`, :func:`subnetwork`). Every conv, the shortcuts and the bias-free classifier
+  are masked, on a model built with :data:`MODEL_OPTIONS` (non-affine BatchNorm).
+- RST search: PGD adversarial training (Madry et al.) of the scores alone, which the
+  straight-through mask reaches as ``sign(s) * w * dL/dW_eff`` (:class:`SearchState`,
+  :func:`make_search_step`, :func:`score_optimizer`); with ``attack=None`` it is edge-popup's
+  natural search.
+- Fine-tuning a found RST's weights with its mask fixed (:class:`FinetuneState`,
+  :func:`make_finetune_step`, :func:`finetune_weights`); the dense adversarial baseline
+  (:func:`make_adversarial_train_step`).
+- R2S: K tickets of different keep ratios drawn from one random net, searched as one population
+  (their kept counts live in the state), each input answered by a ticket drawn at random
+  (:func:`switch_apply_fn`); the paper's white-box, transfer and adaptive evaluations
+  (:func:`transfer_matrix`, :func:`switch_accuracy` with an EOT attack, :func:`r2s_summary`).
+- The white-box test attacks (:func:`evaluation_attacks`, :func:`population_robust_accuracy`).
 
-The RST search step (:func:`make_search_step` with a :class:`TrainingAttack`) is Madry PGD
-adversarial training on ``train.make_train_step``: the subnetwork is formed once per step, every
-PGD iteration attacks those fixed weights (running BatchNorm in train mode and advancing its running
-statistics, as the reference code does), and the training forward/backward on the adversarial batch
-reaches the scores through the straight-through mask. Without an attack it is edge-popup's natural
-search. The training forward forms the same ``masked_params`` from the same scores as the attack,
-so the compiled step sorts each layer's scores once (XLA merges the two identical sorts; the
-reference sorts in every one of its 8 forwards).
-
-Keep ratios may be traced, so ``K`` tickets of different ratios train as one population
-(:func:`make_population_step`). R2S then answers each batch (or each example) with a ticket
-drawn at random (:func:`switch_apply_fn`). :func:`transfer_matrix` gives the paper's white-box
-and transfer evaluations; :func:`switch_accuracy` scores R2S against any attacker, e.g. the
-adaptive one that averages its gradients over the switch (``eot_samples`` of ``attacks.pgd``).
-
-Also here: the dense adversarial baseline (:func:`make_adversarial_train_step` on a plain
-network) and fine-tuning a found ticket with its mask fixed (:func:`make_finetune_step`).
+Kept counts are host values (``tickets.kept_counts``, counted as the reference's ``GetSubnet``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -44,15 +37,12 @@ import optax
 
 from jaxtickets import attacks
 from jaxtickets import data as data_lib
-from jaxtickets import errors
+from jaxtickets import metrics as metrics_lib
 from jaxtickets import population
 from jaxtickets import tickets
 from jaxtickets import train as train_lib
-from jaxtickets.errors import UserError
 
 PyTree = Any
-KeepRatio = float | jax.Array
-Step = Callable[..., tuple[train_lib.TrainState, dict[str, jax.Array]]]
 
 # Model options of an RST network: no affine norm parameters, no biases, so that every parameter
 # is a masked kernel (the reference's classifier is a bias-free 1x1 conv).
@@ -71,30 +61,11 @@ class Ticket(NamedTuple):
   Attributes:
     weights: the frozen random params (the model's param tree).
     scores: one score per weight, shaped like ``weights``.
-    keep_ratio: fraction of each prunable layer kept (RST's remaining ratio), in (0, 1]; f32[K]
-      for a population.
+    kept: i32[] per leaf, entries kept (``tickets.kept_counts``); i32[K] in a population.
   """
   weights: PyTree
   scores: PyTree
-  keep_ratio: KeepRatio
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation
-
-
-def check_ticket(ticket: Ticket, params: PyTree) -> None:
-  """Raises UserError unless ``ticket`` fits a model whose params are ``params``.
-
-  Args:
-    ticket: a single ticket (no member axis).
-    params: the model's param tree (arrays or ``jax.ShapeDtypeStruct``).
-  """
-  tickets.check_matches(params, ticket.weights, what="ticket weights",
-                        reference_name="the model's params")
-  tickets.check_matches(params, ticket.scores, what="ticket scores",
-                        reference_name="the model's params")
-  tickets.check_keep_ratio(ticket.keep_ratio)
+  kept: PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +73,9 @@ class TrainingAttack:
   """The PGD of adversarial training (Madry et al.); the defaults are RST's.
 
   Attributes:
-    eps: Linf radius on pixels in [0, 1].
-    step_size: per-pixel step.
-    num_steps: gradient steps (each one forward/backward of the network).
+    eps: Linf radius on pixels in [0, 1], >= 0.
+    step_size: per-pixel step, > 0.
+    num_steps: gradient steps (each one forward/backward of the network), >= 1.
     random_start: start uniformly in the ball.
     batch_norm: one of :data:`ATTACK_BATCH_NORM`.
   """
@@ -115,53 +86,53 @@ class TrainingAttack:
   batch_norm: str = "update"
 
   def __post_init__(self):
-    errors.check_number("attack eps", self.eps, 0)
-    errors.check_number("attack step_size", self.step_size, 0, strict=True)
-    errors.check_int("attack num_steps", self.num_steps)
-    if self.batch_norm not in ATTACK_BATCH_NORM:
-      raise UserError(f"unknown attack batch_norm {self.batch_norm!r}; known: "
-                      f"{', '.join(ATTACK_BATCH_NORM)}")
+    if self.batch_norm not in ATTACK_BATCH_NORM:  # Any other name would act as "batch".
+      raise ValueError(f"unknown attack batch_norm {self.batch_norm!r}; known: "
+                       f"{', '.join(ATTACK_BATCH_NORM)}")
+
+
+def _perturb(attack: TrainingAttack, apply_fn: train_lib.ApplyFn, key: jax.Array,
+             params: PyTree, batch_stats: PyTree, x: jax.Array,
+             labels: jax.Array) -> tuple[jax.Array, PyTree]:
+  """PGD examples of ``x: f32[B, H, W, C]`` against the fixed ``params`` (not differentiated),
+  and the running statistics the training pass starts from."""
+  result = attacks.pgd(apply_fn, jax.lax.stop_gradient(params), batch_stats, x, labels, key,
+                       eps=attack.eps, step_size=attack.step_size, num_steps=attack.num_steps,
+                       random_start=attack.random_start, train=attack.batch_norm != "eval")
+  return result.x_adv, result.batch_stats if attack.batch_norm == "update" else batch_stats
 
 
 # ----------------------------------------------------------------------------------------------
 # Tickets
 
 
-def init_ticket(weight_key: jax.Array, score_key: jax.Array, params: PyTree,
-                keep_ratio: KeepRatio, prunable: PyTree, *,
-                weight_init: str = "signed_kaiming_constant") -> Ticket:
+def init_ticket(weight_key: jax.Array, score_key: jax.Array, params: PyTree, kept: PyTree,
+                prunable: PyTree, *, weight_init: str = "signed_kaiming_constant") -> Ticket:
   """Draws a ticket: frozen weights from ``weight_key``, scores from ``score_key``.
 
   Args:
     weight_key: the dense net's key; tickets sharing it share their weights.
     score_key: key of the kaiming-uniform(a=sqrt(5)) scores.
     params: the model's freshly initialized params (shapes; non-prunable leaves are kept).
-    keep_ratio: fraction kept per layer, in (0, 1].
-    prunable: Python bools from ``tickets.prunable(params)`` (all kernels for RST).
-    weight_init: the frozen weights' initializer: "signed_kaiming_constant" (RST's default) or
-      the paper's ablations "kaiming_normal", "kaiming_uniform", "xavier_normal" (any
-      ``get_initializer`` name works).
-
-  Returns:
-    The ticket. Vmappable over keys and ratios.
-
-  Raises:
-    UserError: a keep ratio outside (0, 1], an unknown initializer, a non-kernel prunable leaf.
+    kept: ``tickets.kept_counts(params, keep_ratio, prunable)``.
+    prunable: Python bools from ``tickets.prunable(params)``; every prunable leaf a kernel.
+    weight_init: the frozen weights' initializer (a ``get_initializer`` name):
+      "signed_kaiming_constant" (RST's default) or the paper's ablations "kaiming_normal",
+      "kaiming_uniform", "xavier_normal".
   """
-  tickets.check_keep_ratio(keep_ratio)
   weights = tickets.reinit_weights(weight_key, params, prunable, weight_init)
-  return Ticket(weights, tickets.init_scores(score_key, params, prunable), keep_ratio)
+  return Ticket(weights, tickets.init_scores(score_key, params, prunable), kept)
 
 
 def ticket_mask(ticket: Ticket, prunable: PyTree) -> PyTree:
   """bool tree: the per-layer top-k of ``|ticket.scores|`` (all-True on non-prunable leaves)."""
-  return tickets.topk_mask(ticket.scores, ticket.keep_ratio, prunable)
+  return tickets.topk_mask(ticket.scores, ticket.kept, prunable)
 
 
 def subnetwork(ticket: Ticket, prunable: PyTree) -> PyTree:
   """The ticket's forward weights ``weights * mask``, as a plain param tree (no gradient)."""
   return jax.lax.stop_gradient(
-      tickets.masked_params(ticket.weights, ticket.scores, ticket.keep_ratio, prunable))
+      tickets.masked_params(ticket.weights, ticket.scores, ticket.kept, prunable))
 
 
 def subnetworks(tickets_population: Ticket, prunable: PyTree) -> PyTree:
@@ -169,14 +140,9 @@ def subnetworks(tickets_population: Ticket, prunable: PyTree) -> PyTree:
   return jax.vmap(functools.partial(subnetwork, prunable=prunable))(tickets_population)
 
 
-def search_params(ticket: Ticket) -> dict[str, PyTree]:
-  """The pytree a search trains: ``{"scores": ..., "weights": ...}`` (weights stay frozen)."""
-  return {"scores": ticket.scores, "weights": ticket.weights}
-
-
-def ticket_of(params: Mapping[str, PyTree], keep_ratio: KeepRatio) -> Ticket:
+def ticket_of(params: Mapping[str, PyTree], kept: PyTree) -> Ticket:
   """The ticket held by search params ``{"scores", "weights"}``."""
-  return Ticket(params["weights"], params["scores"], keep_ratio)
+  return Ticket(params["weights"], params["scores"], kept)
 
 
 def score_optimizer(learning_rate: float | optax.Schedule, *, momentum: float = 0.9,
@@ -188,100 +154,98 @@ def score_optimizer(learning_rate: float | optax.Schedule, *, momentum: float = 
       {"scores": "scores", "weights": "frozen"})
 
 
-def ticket_apply_fn(model_apply_fn: train_lib.ApplyFn, keep_ratio: KeepRatio,
-                    prunable: PyTree) -> train_lib.ApplyFn:
-  """The ``ApplyFn`` of a ticket under search, on params ``{"scores", "weights"}``.
-
-  Forward: ``model_apply_fn`` with ``weights * ste_mask(scores, keep_ratio)``; the gradient
-  reaches the scores (straight-through) and not the weights.
-
-  Args:
-    model_apply_fn: the network on plain params (``train.model_apply_fn`` of the model).
-    keep_ratio: Python float or traced f32[] (a population member's ratio).
-    prunable: Python bools (closed over, never traced).
-  """
-
-  def apply_fn(params, batch_stats, x, train, key=None):
-    weights = tickets.masked_params(jax.lax.stop_gradient(params["weights"]), params["scores"],
-                                    keep_ratio, prunable)
-    return model_apply_fn(weights, batch_stats, x, train, key)
-
-  return apply_fn
-
-
-def masked_apply_fn(model_apply_fn: train_lib.ApplyFn, mask: PyTree) -> train_lib.ApplyFn:
-  """The ``ApplyFn`` of a fixed subnetwork being fine-tuned: ``model_apply_fn(where(mask, w, 0))``.
-
-  Pruned weights get no gradient from the loss (weight decay still shrinks them; they stay unused).
-  """
-
-  def apply_fn(params, batch_stats, x, train, key=None):
-    return model_apply_fn(tickets.apply_mask(params, mask), batch_stats, x, train, key)
-
-  return apply_fn
-
-
 # ----------------------------------------------------------------------------------------------
 # Train steps
 
 
-def make_adversarial_train_step(
-    apply_fn: train_lib.ApplyFn, optimizer: optax.GradientTransformation, *, batch_size: int,
-    augment: train_lib.Augment | None = train_lib.crop_flip,
-    attack: TrainingAttack = TrainingAttack(),
-    attack_apply_fn: train_lib.ApplyFn | None = None,
-    attack_params: Callable[[PyTree], PyTree] | None = None) -> Step:
-  """``train.make_train_step`` on PGD adversarial examples of each batch (Madry et al.).
+class SearchState(NamedTuple):
+  """A ticket under search; a population has a leading member axis on every leaf.
 
-  Args:
-    apply_fn: the trained network on ``state.params``.
-    optimizer: updates ``state.params``.
-    batch_size: examples per step.
-    augment: applied before the attack.
-    attack: the PGD settings.
-    attack_apply_fn: the network the attack runs (default ``apply_fn``) on ``attack_params``.
-    attack_params: ``state.params -> params of attack_apply_fn``, evaluated once per step and
-      held fixed through every attack iteration (for a ticket: its masked weights, so no top-k
-      runs inside the attack). Default: the params themselves.
-
-  Returns:
-    ``step(state, data) -> (state, {"loss", "accuracy"})`` (loss and accuracy on the adversarial
-    batch), pure and vmappable.
+  Attributes:
+    train: params ``{"scores", "weights"}`` (see :func:`init_search_state`).
+    kept: i32[] per leaf: the ticket's kept counts (``tickets.kept_counts``).
   """
-  attack_apply_fn = apply_fn if attack_apply_fn is None else attack_apply_fn
+  train: train_lib.TrainState
+  kept: PyTree
 
-  def perturb(key, params, batch_stats, x, labels):
-    fixed = params if attack_params is None else attack_params(params)
-    result = attacks.pgd(attack_apply_fn, jax.lax.stop_gradient(fixed), batch_stats, x, labels,
-                         key, eps=attack.eps, step_size=attack.step_size,
-                         num_steps=attack.num_steps, random_start=attack.random_start,
-                         train=attack.batch_norm != "eval")
-    return result.x_adv, result.batch_stats if attack.batch_norm == "update" else batch_stats
-
-  return train_lib.make_train_step(apply_fn, optimizer, batch_size=batch_size, augment=augment,
-                                   perturb=perturb)
+  @property
+  def step(self) -> jax.Array:
+    """Optimizer steps taken (what ``loop.fit`` counts)."""
+    return self.train.step
 
 
-def _step_maker(attack: TrainingAttack | None, **kwargs: Any) -> Callable[..., Step]:
-  """``(apply_fn, attack_apply_fn, attack_params) -> step``: adversarial, or natural if None."""
+class FinetuneState(NamedTuple):
+  """A found subnetwork's weights in training; a population has a leading member axis.
 
-  def make(apply_fn, attack_apply_fn, attack_params):
-    if attack is None:
-      return train_lib.make_train_step(apply_fn, **kwargs)
-    return make_adversarial_train_step(apply_fn, attack=attack, attack_apply_fn=attack_apply_fn,
-                                       attack_params=attack_params, **kwargs)
+  Attributes:
+    train: params = the weights (pruned entries included; the mask hides them).
+    mask: bool tree shaped like the weights, fixed.
+  """
+  train: train_lib.TrainState
+  mask: PyTree
 
-  return make
+  @property
+  def step(self) -> jax.Array:
+    """Optimizer steps taken (what ``loop.fit`` counts)."""
+    return self.train.step
+
+
+def init_search_state(key: jax.Array, ticket: Ticket, batch_stats: PyTree,
+                      optimizer: optax.GradientTransformation) -> SearchState:
+  """The search state of ``ticket`` at step 0 (``key``: its data order and attack draws)."""
+  params = {"scores": ticket.scores, "weights": ticket.weights}
+  return SearchState(train_lib.create_train_state(key, params, batch_stats, optimizer),
+                     ticket.kept)
+
+
+def _make_step(model_apply_fn: train_lib.ApplyFn, optimizer: optax.GradientTransformation,
+               network_params: Callable[[PyTree, Any], PyTree], *, batch_size: int,
+               augment: train_lib.Augment | None, attack: TrainingAttack | None):
+  """``step(state, data)`` of a state with a ``train`` field, training the network whose plain
+  params are ``network_params(state.train.params, state)``.
+
+  Batches, keys and updates are ``train.make_train_step``'s with ``perturb`` = the attack: the
+  attack runs on the plain params formed once per step and held fixed, then the training
+  forward/backward runs on the adversarial batch.
+  """
+
+  def step(state, data: train_lib.Data):
+    train = state.train
+    x, labels, model_key = train_lib.sample_batch(train, data, batch_size, augment)
+    batch_stats = train.batch_stats
+    if attack is not None:
+      model_key, attack_key = jax.random.split(model_key)
+      x, batch_stats = _perturb(attack, model_apply_fn, attack_key,
+                                network_params(train.params, state), batch_stats, x, labels)
+
+    def loss_fn(params):
+      logits, new_stats = model_apply_fn(network_params(params, state), batch_stats, x, True,
+                                         model_key)
+      return train_lib.cross_entropy(logits, labels), (logits, new_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        train.params)
+    updates, opt_state = optimizer.update(grads, train.opt_state, train.params)
+    train = train._replace(step=train.step + 1, params=optax.apply_updates(train.params, updates),
+                           batch_stats=batch_stats, opt_state=opt_state)
+    return state._replace(train=train), {"loss": loss,
+                                         "accuracy": metrics_lib.accuracy(logits, labels)}
+
+  return step
 
 
 def make_search_step(model_apply_fn: train_lib.ApplyFn, optimizer: optax.GradientTransformation,
                      prunable: PyTree, *, batch_size: int,
                      augment: train_lib.Augment | None = train_lib.crop_flip,
-                     attack: TrainingAttack | None = TrainingAttack()) -> Step:
+                     attack: TrainingAttack | None = TrainingAttack()):
   """One score-search step of a ticket: RST (adversarial) or, with ``attack=None``, edge-popup.
 
+  The attack and the training forward form the same masked weights from the same scores (so the
+  compiled step sorts each layer's scores once: XLA merges the two sorts); the attack's are
+  fixed, the training forward's reach the scores straight-through and stop at the weights.
+
   Args:
-    model_apply_fn: the network on plain params.
+    model_apply_fn: the network on plain params (``train.model_apply_fn``).
     optimizer: usually :func:`score_optimizer`.
     prunable: Python bools of the masked leaves.
     batch_size: examples per step.
@@ -289,40 +253,46 @@ def make_search_step(model_apply_fn: train_lib.ApplyFn, optimizer: optax.Gradien
     attack: the training attack, or None for the natural search.
 
   Returns:
-    ``step(state, data, keep_ratio) -> (state, metrics)`` on ``state.params`` =
-    :func:`search_params`; ``keep_ratio`` may be traced (see :func:`make_population_step`).
+    ``step(state: SearchState, data) -> (state, {"loss", "accuracy"})`` (on the adversarial
+    batch), pure and vmappable.
   """
-  make = _step_maker(attack, optimizer=optimizer, batch_size=batch_size, augment=augment)
 
-  def step(state, data, keep_ratio):
-    def attack_params(params):
-      return subnetwork(ticket_of(params, keep_ratio), prunable)
+  def ticket_params(params, state):
+    return tickets.masked_params(jax.lax.stop_gradient(params["weights"]), params["scores"],
+                                 state.kept, prunable)
 
-    apply_fn = ticket_apply_fn(model_apply_fn, keep_ratio, prunable)
-    return make(apply_fn, model_apply_fn, attack_params)(state, data)
-
-  return step
+  return _make_step(model_apply_fn, optimizer, ticket_params, batch_size=batch_size,
+                    augment=augment, attack=attack)
 
 
 def make_finetune_step(model_apply_fn: train_lib.ApplyFn,
                        optimizer: optax.GradientTransformation, *, batch_size: int,
                        augment: train_lib.Augment | None = train_lib.crop_flip,
-                       attack: TrainingAttack | None = TrainingAttack()) -> Step:
+                       attack: TrainingAttack | None = TrainingAttack()):
   """One step of training a found subnetwork's weights with its mask fixed.
 
+  The forward uses ``where(mask, w, 0)``: pruned weights get no gradient from the loss (weight
+  decay still shrinks them; they stay unused).
+
   Returns:
-    ``step(state, data, mask) -> (state, metrics)`` on ``state.params`` = the weights (inherited
-    from the ticket or re-drawn, see :func:`finetune_weights`); ``mask`` is a bool tree shaped
-    like them, per member in a population.
+    ``step(state: FinetuneState, data) -> (state, {"loss", "accuracy"})``.
   """
-  make = _step_maker(attack, optimizer=optimizer, batch_size=batch_size, augment=augment)
+  return _make_step(model_apply_fn, optimizer,
+                    lambda params, state: tickets.apply_mask(params, state.mask),
+                    batch_size=batch_size, augment=augment, attack=attack)
 
-  def step(state, data, mask):
-    apply_fn = masked_apply_fn(model_apply_fn, mask)
-    return make(apply_fn, model_apply_fn, lambda params: tickets.apply_mask(params, mask))(
-        state, data)
 
-  return step
+def make_adversarial_train_step(
+    apply_fn: train_lib.ApplyFn, optimizer: optax.GradientTransformation, *, batch_size: int,
+    augment: train_lib.Augment | None = train_lib.crop_flip,
+    attack: TrainingAttack = TrainingAttack()):
+  """``train.make_train_step`` on PGD adversarial examples of each batch (a dense network).
+
+  Returns:
+    ``step(state: TrainState, data) -> (state, {"loss", "accuracy"})`` on the adversarial batch.
+  """
+  return train_lib.make_train_step(apply_fn, optimizer, batch_size=batch_size, augment=augment,
+                                   perturb=functools.partial(_perturb, attack, apply_fn))
 
 
 def finetune_weights(ticket: Ticket, prunable: PyTree, *, init: str = "inherited",
@@ -339,31 +309,12 @@ def finetune_weights(ticket: Ticket, prunable: PyTree, *, init: str = "inherited
 
   Returns:
     Param tree shaped like ``ticket.weights`` (masked entries included; the mask hides them).
-
-  Raises:
-    UserError: unknown ``init``, or "reinit" without a key.
   """
-  if init not in FINETUNE_INITS:
-    raise UserError(f"unknown fine-tuning init {init!r}; known: {', '.join(FINETUNE_INITS)}")
   if init == "inherited":
     return ticket.weights
-  if key is None:
-    raise UserError("fine-tuning init 'reinit' needs a PRNG key")
+  if init != "reinit":
+    raise ValueError(f"unknown fine-tuning init {init!r}; known: {', '.join(FINETUNE_INITS)}")
   return tickets.reinit_weights(key, ticket.weights, prunable, weight_init)
-
-
-def make_population_step(step: Step, member_inputs: PyTree, **run_options: Any) -> Step:
-  """A population step ``(states, data) -> (states, metrics)`` for ``loop.fit``.
-
-  Args:
-    step: ``step(state, data, member_input)`` (from :func:`make_search_step` or
-      :func:`make_finetune_step`).
-    member_inputs: per-member third argument with leading axis K: the keep ratios f32[K] (R2S:
-      K ratios searched as one population) or the masks of K tickets.
-    **run_options: ``population.run`` options (strategy, chunk_size, mesh).
-  """
-  population_step = population.run(step, member_axes=(0, None, 0), **run_options)
-  return lambda states, data: population_step(states, data, member_inputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,11 +329,6 @@ def evaluation_attacks(*, eps: float = 8 / 255, step_size: float = 2 / 255,
   ``pgd`` is RST's evaluation (PGD-20, random start, only still-correct inputs updated); ``cw``
   the same on the CW margin; ``apgd_ce`` and (with >= 3 classes) ``apgd_dlr`` AutoAttack's APGD.
   """
-  # The attacks check their options when called; a config's typo should fail before training.
-  errors.check_number("eps", eps, 0)
-  errors.check_number("step_size", step_size, 0, strict=True)
-  errors.check_int("pgd_steps", pgd_steps)
-  errors.check_int("apgd_steps", apgd_steps)
   common = {"eps": eps, "step_size": step_size, "num_steps": pgd_steps, "early_stop": True}
   named = {"pgd": attacks.get_attack("pgd", **common), "cw": attacks.get_attack("cw", **common),
            "apgd_ce": attacks.get_attack("apgd-ce", eps=eps, num_steps=apgd_steps)}
@@ -392,12 +338,12 @@ def evaluation_attacks(*, eps: float = 8 / 255, step_size: float = 2 / 255,
 
 
 def even_batch_size(num_examples: int, batch_size: int) -> int:
-  """The smallest batch size that splits ``num_examples`` into as few batches as ``batch_size``.
+  """The smallest batch size that splits ``num_examples`` (>= 1) into as few batches as
+  ``batch_size``.
 
   Evaluations pad the last batch to a full one; this keeps the padding below one example per
   batch (359 examples at 500 per batch: one batch of 359, not 500).
   """
-  errors.check_int("examples in the evaluated split", num_examples)
   num_batches = -(-num_examples // max(1, min(batch_size, num_examples)))
   return -(-num_examples // num_batches)
 
@@ -406,15 +352,9 @@ def population_robust_accuracy(model_apply_fn: train_lib.ApplyFn, params: PyTree
                                batch_stats: PyTree, data: train_lib.Data, key: jax.Array,
                                attack: attacks.Attack, *,
                                batch_size: int = 500) -> dict[str, jax.Array]:
-  """``attacks.robust_accuracy`` of every member of a population of subnetworks.
-
-  Args:
-    params: plain params with leading axis K (e.g. :func:`subnetworks`).
-    batch_stats: their running statistics, leading axis K.
-
-  Returns:
-    {"clean_accuracy": f32[K], "robust_accuracy": f32[K]}; every member sees the same keys.
-  """
+  """``{"clean_accuracy": f32[K], "robust_accuracy": f32[K]}`` (``attacks.robust_accuracy``) of
+  K subnetworks ``params`` (e.g. :func:`subnetworks`) and their ``batch_stats``, all attacked
+  with the same keys."""
 
   def one(member_params, member_stats):
     return attacks.robust_accuracy(
@@ -426,14 +366,8 @@ def population_robust_accuracy(model_apply_fn: train_lib.ApplyFn, params: PyTree
 
 def _mean_over_split(per_example: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
                      data: train_lib.Data, key: jax.Array, batch_size: int) -> jax.Array:
-  """Mean over a split of ``per_example(x f32[B, H, W, C], y i32[B], key) -> f32[..., B]``.
-
-  Batches of :func:`even_batch_size` are padded to one shape (one compilation for any split
-  size) and run by ``lax.map``.
-
-  Returns:
-    f32[...].
-  """
+  """f32[...]: the mean over a split of ``per_example(x f32[B, H, W, C], y i32[B], key) ->
+  f32[..., B]``, on batches of :func:`even_batch_size` padded to one shape (run by ``lax.map``)."""
   num_examples = data.labels.shape[0]
 
   def batch_total(images, y, valid, batch_key):
@@ -459,18 +393,13 @@ def _correct_per_member(model_apply_fn: train_lib.ApplyFn, params: PyTree, batch
 def transfer_matrix(model_apply_fn: train_lib.ApplyFn, params: PyTree, batch_stats: PyTree,
                     data: train_lib.Data, key: jax.Array, attack: attacks.Attack, *,
                     batch_size: int = 500) -> jax.Array:
-  """Accuracy of ticket j on adversarial examples crafted (white-box) on ticket i.
+  """f32[K, K]: accuracy of ticket j (column) on adversarial examples crafted white-box on
+  ticket i (row), so the diagonal is the white-box accuracy.
 
   Args:
-    params: K subnetworks (plain params, leading axis K).
-    batch_stats: their running statistics.
-    data: the evaluation split.
+    params: K subnetworks (plain params, leading axis K); batch_stats: theirs.
     key: PRNG key; every source ticket is attacked with the same per-batch keys.
     attack: e.g. ``evaluation_attacks()["pgd"]``.
-
-  Returns:
-    f32[K, K], rows = source (attacked) ticket, columns = evaluated ticket; the diagonal is the
-    white-box accuracy under attack.
   """
 
   def per_example(x, y, batch_key):
@@ -520,23 +449,17 @@ def switch_accuracy(model_apply_fn: train_lib.ApplyFn, params: PyTree, batch_sta
                     data: train_lib.Data, key: jax.Array, attack: attacks.Attack | None = None,
                     *, attacked_apply_fn: train_lib.ApplyFn | None = None,
                     batch_size: int = 500) -> jax.Array:
-  """Expected accuracy of R2S over its switch, on clean or attacked inputs.
+  """f32[]: the expected accuracy of R2S over its switch, on clean or attacked inputs.
 
   The switch draws each ticket with probability 1/K (per batch or per example alike), so its
-  expected accuracy on an input is the fraction of the K tickets that classify it correctly;
-  that expectation is computed exactly instead of sampled.
+  expected accuracy on an input is the fraction of the K tickets that classify it correctly,
+  computed exactly instead of sampled.
 
   Args:
     params: K subnetworks (leading axis K); batch_stats: theirs.
-    data: the evaluation split.
-    key: PRNG key of the attack.
     attack: run against ``attacked_apply_fn`` on ``(params, batch_stats)``; None: clean inputs.
     attacked_apply_fn: the network the attacker differentiates; default the per-batch
-      :func:`switch_apply_fn` (with an attack of ``eot_samples > 1``: the adaptive EOT
-      attacker).
-
-  Returns:
-    f32[] expected accuracy.
+      :func:`switch_apply_fn` (with ``eot_samples > 1``: the adaptive EOT attacker).
   """
 
   attacked_apply_fn = attacked_apply_fn or switch_apply_fn(model_apply_fn)
@@ -564,23 +487,3 @@ def r2s_summary(matrix: np.ndarray) -> dict[str, float]:
           "transfer": float(off_diagonal.mean()) if off_diagonal.size else
           float(np.mean(np.diag(matrix))),
           "random_source": float(matrix.mean())}
-
-
-def keep_ratio_array(keep_ratios: Sequence[float]) -> jax.Array:
-  """f32[K] keep ratios of a population, validated.
-
-  Raises:
-    UserError: empty, a ratio outside (0, 1], or a ratio given twice (its tickets would be
-      identical: the same weights, score init and data order, so R2S's transfer table would
-      count a ticket attacking itself as a transfer).
-  """
-  if np.ndim(keep_ratios) != 1 or not len(keep_ratios):
-    raise UserError(f"keep_ratios={keep_ratios!r}; expected a non-empty sequence in (0, 1]")
-  for ratio in keep_ratios:
-    tickets.check_keep_ratio(ratio)
-  try:
-    concrete = np.asarray(keep_ratios, np.float64).tolist()
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    concrete = []  # Traced ratios go unchecked, as check_keep_ratio leaves them.
-  errors.check_distinct("keep_ratios", concrete, "its tickets would be identical")
-  return jnp.asarray(keep_ratios, jnp.float32)

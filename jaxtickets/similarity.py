@@ -14,9 +14,8 @@ directions SVCCA drops) get a gain near zero and cannot produce spurious correla
 relative (as in google/svcca, which scales covariances before adding epsilon) so it does not depend
 on the activations' units.
 
-The public functions check shapes in Python and run jitted cores; :func:`cca`, :func:`svcca` and
-:func:`pwcca` can also be traced inside a caller's ``jax.jit`` (:func:`layerwise_similarity`
-returns Python floats and cannot).
+:func:`cca`, :func:`svcca` and :func:`pwcca` run jitted cores and can be traced inside a caller's
+``jax.jit``; :func:`layerwise_similarity` returns Python floats and cannot.
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-from jaxtickets.errors import UserError
 
 
 class CCAResult(NamedTuple):
@@ -151,30 +148,15 @@ def _pwcca(x: jax.Array, y: jax.Array, epsilon: jax.Array) -> jax.Array:
   return jnp.sum(weights * result.rho) / jnp.sum(weights)
 
 
-def _check_representation_shape(name: str, shape: tuple[int, ...]) -> None:
-  if len(shape) != 2:
-    raise UserError(f"{name} must be f32[datapoints, neurons] (use flatten_conv for conv "
-                    f"activations), got shape {tuple(shape)}")
-  if shape[0] < shape[1]:
-    raise UserError(f"{name} has fewer datapoints ({shape[0]}) than neurons ({shape[1]}); CCA "
-                    "needs at least as many, better many more")
-
-
-def _check_epsilon(epsilon: float) -> None:
-  if isinstance(epsilon, (int, float)) and not epsilon >= 0:
-    raise UserError(f"epsilon must be >= 0, got {epsilon}")
-
-
-def _representation_pair(
-    x: jax.Array, y: jax.Array, x_name: str = "x", y_name: str = "y"
-) -> tuple[jax.Array, jax.Array]:
-  """``x, y`` as f32[N, D1], f32[N, D2] after checking they can be compared; UserError if not."""
+def _representations(x: jax.Array, y: jax.Array, x_name: str = "x",
+                     y_name: str = "y") -> tuple[jax.Array, jax.Array]:
+  """``x, y`` as float32; ValueError unless each is [N, D] with N >= D."""
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
   for name, rep in ((x_name, x), (y_name, y)):
-    _check_representation_shape(name, rep.shape)
-  if x.shape[0] != y.shape[0]:
-    raise UserError(f"{x_name} and {y_name} must share their datapoints, got {x.shape[0]} and "
-                    f"{y.shape[0]} rows")
+    # With fewer datapoints than neurons CCA finds correlations near 1 in any data.
+    if rep.ndim != 2 or rep.shape[0] < rep.shape[1]:
+      raise ValueError(f"{name} has shape {tuple(rep.shape)}; expected f32[datapoints, neurons] "
+                       "with at least as many datapoints as neurons (see flatten_conv)")
   return x, y
 
 
@@ -183,19 +165,14 @@ def cca(x: jax.Array, y: jax.Array, *, epsilon: float = 1e-10) -> CCAResult:
 
   Args:
     x: f32[N, D1] and ``y: f32[N, D2]``, with N >= max(D1, D2).
-    epsilon: ridge added to each covariance, relative to its largest eigenvalue; it silences
-      directions with less than about ``epsilon`` of the top direction's variance.
+    epsilon: >= 0, ridge added to each covariance, relative to its largest eigenvalue; it
+      silences directions with less than about ``epsilon`` of the top direction's variance.
 
   Returns:
     A :class:`CCAResult` with ``rho: f32[min(D1, D2)]`` descending; NaN where a side is constant
     (no variance, e.g. a layer of dead ReLUs), for which canonical correlations are undefined.
-
-  Raises:
-    UserError: for a non-2-D input, mismatched datapoint counts, N < D or ``epsilon < 0``.
   """
-  x, y = _representation_pair(x, y)
-  _check_epsilon(epsilon)
-  return _cca(x, y, epsilon)
+  return _cca(*_representations(x, y), epsilon)
 
 
 def svcca(x: jax.Array, y: jax.Array, *, keep_variance: float = 0.99,
@@ -213,16 +190,8 @@ def svcca(x: jax.Array, y: jax.Array, *, keep_variance: float = 0.99,
 
   Returns:
     f32[] in [0, 1]; NaN when a side is constant (see :func:`cca`).
-
-  Raises:
-    UserError: for bad shapes or ``epsilon`` (see :func:`cca`) or ``keep_variance`` outside
-      (0, 1].
   """
-  x, y = _representation_pair(x, y)
-  _check_epsilon(epsilon)
-  if isinstance(keep_variance, (int, float)) and not 0 < keep_variance <= 1:
-    raise UserError(f"keep_variance must lie in (0, 1], got {keep_variance}")
-  return _svcca(x, y, keep_variance, epsilon)
+  return _svcca(*_representations(x, y), keep_variance, epsilon)
 
 
 def pwcca(x: jax.Array, y: jax.Array, *, epsilon: float = 1e-10) -> jax.Array:
@@ -238,26 +207,8 @@ def pwcca(x: jax.Array, y: jax.Array, *, epsilon: float = 1e-10) -> jax.Array:
   Returns:
     f32[] in [0, 1]; symmetric in x and y when D1 != D2; NaN when a side is constant (see
     :func:`cca`).
-
-  Raises:
-    UserError: for bad shapes or ``epsilon`` (see :func:`cca`).
   """
-  x, y = _representation_pair(x, y)
-  _check_epsilon(epsilon)
-  return _pwcca(x, y, epsilon)
-
-
-def subsample_spatial(acts: jax.Array, stride: int) -> jax.Array:
-  """Every ``stride``-th row and column: ``acts: f32[B, H, W, C]`` -> f32[B, H', W', C].
-
-  H' = ceil(H / stride) and W' = ceil(W / stride).
-
-  Deterministic, so two networks' activations of equal spatial size keep the same positions and
-  stay comparable datapoint by datapoint.
-  """
-  if stride < 1:
-    raise UserError(f"stride must be a positive integer, got {stride}")
-  return acts[:, ::stride, ::stride, :]
+  return _pwcca(*_representations(x, y), epsilon)
 
 
 def flatten_conv(acts: jax.Array, *, max_datapoints: int | None = None) -> jax.Array:
@@ -265,25 +216,20 @@ def flatten_conv(acts: jax.Array, *, max_datapoints: int | None = None) -> jax.A
 
   Args:
     acts: f32[B, H, W, C].
-    max_datapoints: when given, subsample positions with the smallest spatial stride s for which
-      ``B * ceil(H/s) * ceil(W/s) <= max_datapoints``.
+    max_datapoints: None, or >= B: then positions are subsampled with the smallest spatial
+      stride s for which ``B * ceil(H/s) * ceil(W/s) <= max_datapoints`` (every s-th row and
+      column, so two networks' maps of one size keep the same positions).
 
   Returns:
     f32[B * H' * W', C], with H' = W' = the full size or the subsampled one.
-
-  Raises:
-    UserError: if ``acts`` is not 4-D, or ``max_datapoints < B`` (one position per image already
-      exceeds it).
   """
-  if acts.ndim != 4:
-    raise UserError(f"conv activations must be f32[B, H, W, C], got shape {tuple(acts.shape)}")
   batch, height, width, channels = acts.shape
   if max_datapoints is not None:
-    if max_datapoints < batch:
-      raise UserError(f"max_datapoints={max_datapoints} is below the batch size {batch}")
+    if max_datapoints < batch:  # No stride would do.
+      raise ValueError(f"max_datapoints={max_datapoints} is below the batch size {batch}")
     stride = next(s for s in range(1, max(height, width) + 1)
                   if batch * -(-height // s) * -(-width // s) <= max_datapoints)
-    acts = subsample_spatial(acts, stride)
+    acts = acts[:, ::stride, ::stride, :]
   return jnp.reshape(acts, (-1, channels))
 
 
@@ -302,7 +248,7 @@ def layerwise_similarity(
     acts_a: layer name -> f32[B, H, W, C] (conv, flattened with :func:`flatten_conv`) or
       f32[B, D] activations of network a.
     acts_b: the same layer names for network b, with the same inputs in the same order.
-    method: "svcca" or "pwcca".
+    method: one of :data:`METHODS`.
     keep_variance: SVCCA's kept variance fraction (ignored by PWCCA).
     epsilon: relative ridge, as in :func:`cca`.
     max_datapoints: bound on datapoints per conv layer (see :func:`flatten_conv`).
@@ -310,25 +256,19 @@ def layerwise_similarity(
   Returns:
     Layer name -> similarity in [0, 1] (NaN for a constant layer, see :func:`cca`), in the
     order of ``acts_a``.
-
-  Raises:
-    UserError: for an unknown method, layer names that differ, or unusable shapes.
   """
   similarities = {
       "svcca": functools.partial(svcca, keep_variance=keep_variance, epsilon=epsilon),
       "pwcca": functools.partial(pwcca, epsilon=epsilon),
   }
   if method not in METHODS:
-    raise UserError(f"unknown similarity method {method!r}; choose one of {list(METHODS)}")
-  if set(acts_a) != set(acts_b):
-    only_a, only_b = sorted(set(acts_a) - set(acts_b)), sorted(set(acts_b) - set(acts_a))
-    raise UserError(f"layer names differ: only in acts_a {only_a}, only in acts_b {only_b}")
+    raise ValueError(f"unknown similarity method {method!r}; known: {', '.join(METHODS)}")
 
   result = {}
   for name in acts_a:
-    x, y = _representation_pair(_representation(acts_a[name], max_datapoints),
-                                _representation(acts_b[name], max_datapoints),
-                                f"acts_a[{name!r}]", f"acts_b[{name!r}]")
+    x, y = _representations(_representation(acts_a[name], max_datapoints),
+                            _representation(acts_b[name], max_datapoints),
+                            f"acts_a[{name!r}]", f"acts_b[{name!r}]")
     result[name] = float(similarities[method](x, y))
   return result
 
@@ -337,18 +277,3 @@ def _representation(acts: jax.Array, max_datapoints: int | None) -> jax.Array:
   """A layer's activations as f32[N, D]: conv outputs flattened by :func:`flatten_conv`."""
   acts = jnp.asarray(acts)
   return flatten_conv(acts, max_datapoints=max_datapoints) if acts.ndim == 4 else acts
-
-
-def check_layer_shapes(shapes: Mapping[str, tuple[int, ...]], *,
-                       max_datapoints: int | None = None) -> None:
-  """Raises UserError unless activations of these shapes can be compared by
-  :func:`layerwise_similarity` (with this ``max_datapoints``), before any are computed.
-
-  Args:
-    shapes: layer name -> activation shape (B, H, W, C) or (B, D).
-    max_datapoints: as in :func:`layerwise_similarity`.
-  """
-  for name, shape in shapes.items():
-    flat = jax.eval_shape(functools.partial(_representation, max_datapoints=max_datapoints),
-                          jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
-    _check_representation_shape(f"layer {name!r}", flat.shape)

@@ -133,6 +133,22 @@ def crop_flip(key: jax.Array, images: jax.Array) -> jax.Array:
   return data_lib.random_crop_flip(key, images, pad=4)
 
 
+def sample_batch(state: TrainState, data: Data, batch_size: int, augment: Augment | None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Step ``state.step``'s batch, drawn from ``(state.key, state.step)``.
+
+  Returns:
+    ``(x f32[B, H, W, C] in [0, 1], labels i32[B], model_key)``; ``model_key`` is the step's
+    key for anything else random (dropout, an attack, a mix).
+  """
+  perm_key, noise_key = jax.random.split(state.key)
+  images, labels = data_lib.get_batch(perm_key, state.step, data.images, data.labels, batch_size)
+  aug_key, model_key = jax.random.split(jax.random.fold_in(noise_key, state.step))
+  if augment is not None:
+    images = augment(aug_key, images)
+  return data_lib.to_unit(images), labels, model_key
+
+
 def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *,
                     batch_size: int, augment: Augment | None = crop_flip,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
@@ -160,12 +176,7 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
   """
 
   def step(state: TrainState, data: Data):
-    perm_key, noise_key = jax.random.split(state.key)
-    images, labels = data_lib.get_batch(perm_key, state.step, data.images, data.labels, batch_size)
-    aug_key, model_key = jax.random.split(jax.random.fold_in(noise_key, state.step))
-    if augment is not None:
-      images = augment(aug_key, images)
-    x = data_lib.to_unit(images)
+    x, labels, model_key = sample_batch(state, data, batch_size, augment)
     batch_stats = state.batch_stats
     if perturb is not None:
       # Split only here, so that steps without a perturbation keep their random streams.

@@ -1,47 +1,40 @@
-"""Transfusion (Raghu, Zhang, Kleinberg, Bengio; NeurIPS 2019): how a network starts its training.
+"""Transfusion (Raghu, Zhang, Kleinberg, Bengio; NeurIPS 2019): how a network starts training.
 
-Every initialization arm here is a pure function of variable pytrees ``{"params": ...,
-"batch_stats": ...}`` (``batch_stats`` empty for models without BatchNorm): the ``pretrained``
-variables of a source model, already adapted to the target's input channels
-(:func:`adapt_input_channels`), and the ``fresh`` random variables of the target model, whose
-classifier (``head``) every arm keeps, since the target has its own classes.
+The paper's pieces and their functions, all on variable pytrees ``{"params": ...,
+"batch_stats": ...}`` (``batch_stats`` empty without BatchNorm):
 
-Arms (:class:`Arm`, built by :func:`initialize`):
+- Transfer learning vs random init: :func:`initialize` of an :class:`Arm`, "transfer" or
+  "random" (every arm keeps the target's fresh classifier, ``head``); the arms x seeds of one
+  experiment as one population: :func:`initialize_population`.
+- Transfusion of the lowest k blocks, the rest random: :func:`transfuse`, arm
+  "transfusion"; the slim top, the lowest k blocks under narrower random ones: the model option
+  ``unit_widths`` from :func:`slim_unit_widths`, arm "slim".
+- Mean-Var init, each pretrained tensor redrawn i.i.d. from N(its mean, its variance):
+  :func:`mean_var_init`, arm "meanvar". Norm layers' ``scale`` and ``bias`` are redrawn like
+  every tensor (``norm_init="meanvar"``) or keep the fresh init (``"default"``: the paper's "BN
+  Identity Init"); running statistics always restart fresh, as they describe activations of
+  weights that no longer exist.
+- Synthetic Gabor filters as the first conv: :func:`gabor_filters`, :func:`gabor_init`,
+  arm "gabor": the fresh kernel's standard deviation, so only the filters' structure differs.
+- Convergence speed-up: :func:`steps_to_threshold` (steps until the validation AUC first
+  reaches a threshold) and :func:`speedup` (its ratio against random init).
 
-- ``random``: the fresh variables.
-- ``transfer``: every unit below the head copied from the pretrained model (params and running
-  statistics), the head random.
-- ``transfusion`` (``num_blocks = k``): only the lowest k units copied, the rest random.
-- ``slim`` (``num_blocks = k``): the lowest k units copied into a model whose upper units are
-  narrower (random), built with the model option ``unit_widths`` from :func:`slim_unit_widths`.
-- ``meanvar``: every pretrained tensor replaced by i.i.d. draws from N(mu, sigma^2) with that
-  tensor's own mean and variance (:func:`mean_var_init`). BatchNorm choice: the affine ``scale``
-  and ``bias`` of norm layers are tensors like any other and are redrawn the same way
-  (``norm_init="meanvar"``, the default), or keep the fresh init (``"default"``: scale 1,
-  bias 0). Running statistics always restart from the fresh ones (mean 0, variance 1): the
-  pretrained ones describe activations of weights that no longer exist.
-- ``gabor``: the fresh variables with the first conv replaced by synthetic Gabor filters
-  (:func:`gabor_filters`) scaled to the fresh kernel's standard deviation, so that only the
-  filters' structure differs from random init.
+Units (the paper's "blocks"): a network's top-level modules (``model.block_names``, stem first,
+head last), a norm module joined to the module before it (``stem`` + ``stem_norm`` is unit 1);
+the head is never a unit. :func:`transfer_units` gives them.
 
-Units: a network's top-level modules (``model.block_names``, stem first, head last) grouped so
-that a norm module belongs to the module before it (``stem`` + ``stem_norm`` is unit 1); the head
-is never a unit. :func:`transfer_units` gives them; "the lowest k blocks" means the first k.
+Grayscale targets read RGB-pretrained first convs summed over input channels
+(:func:`adapt_input_channels`): exactly "repeat the gray channel three times", without tripling
+the input. :func:`class_subset` splits a dataset into source and held-out target classes.
 
-Grayscale: MedMNIST targets have one channel, CIFAR-10 sources three. A network pretrained on RGB
-sees a gray image as the same gray value in each channel, so its first conv on the target is
-the pretrained kernel summed over its input channels (:func:`adapt_input_channels`): exactly the
-usual "repeat the gray channel three times", without tripling the input.
-
-Convergence (:func:`steps_to_threshold`, :func:`speedup`) is the number of training steps until
-the validation ROC-AUC first reaches a threshold, and its ratio against random init.
+Representational analysis: each unit's output (:func:`unit_outputs`) compared by SVCCA/PWCCA
+(:mod:`jaxtickets.similarity`) before vs after training.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,68 +43,35 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtickets import data as data_lib
-from jaxtickets import errors, tickets
-from jaxtickets.errors import UserError
+from jaxtickets import models
 
 PyTree = Any
 Variables = Mapping[str, PyTree]  # {"params": ..., "batch_stats": ...}
 
 ARM_KINDS = ("random", "transfer", "transfusion", "slim", "meanvar", "gabor")
-# Arms that take a number of pretrained units.
-_BLOCK_ARMS = ("transfusion", "slim")
 NORM_INITS = ("meanvar", "default")
-HEAD = "head"
-
-
-# ----------------------------------------------------------------------------------------------
-# Units
+_HEAD = "head"
 
 
 def transfer_units(block_names: Sequence[str]) -> tuple[tuple[str, ...], ...]:
   """The transferable units of a network, lowest first.
 
   Args:
-    block_names: the model's ``block_names`` (stem first, head last).
+    block_names: the model's ``block_names`` (stem first, head last); the first is not a norm.
 
   Returns:
     One tuple of top-level module names per unit; a module whose name contains "norm" joins the
     unit before it, and the head is left out.
-
-  Raises:
-    UserError: names that do not start with a non-norm module.
   """
   units: list[list[str]] = []
   for name in block_names:
-    if name == HEAD:
+    if name == _HEAD:
       continue
     if "norm" in name:
-      if not units:
-        raise UserError(f"block_names {tuple(block_names)!r} start with the norm {name!r}")
       units[-1].append(name)
     else:
       units.append([name])
   return tuple(tuple(unit) for unit in units)
-
-
-def check_num_blocks(num_blocks: Any, block_names: Sequence[str], *, arm: str = "transfusion",
-                     minimum: int = 0) -> int:
-  """``num_blocks`` as an int in [minimum, number of units]; UserError otherwise."""
-  num_units = len(transfer_units(block_names))
-  if isinstance(num_blocks, bool) or not isinstance(num_blocks, (int, np.integer)) or \
-      not minimum <= num_blocks <= num_units:
-    raise UserError(f"{arm} num_blocks={num_blocks!r}; expected an int in [{minimum}, "
-                    f"{num_units}] (the network has {num_units} units below the head)")
-  return int(num_blocks)
-
-
-def lowest_modules(block_names: Sequence[str], num_blocks: int) -> tuple[str, ...]:
-  """Top-level module names of the lowest ``num_blocks`` units (checked, see above)."""
-  num_blocks = check_num_blocks(num_blocks, block_names)
-  return tuple(name for unit in transfer_units(block_names)[:num_blocks] for name in unit)
-
-
-# ----------------------------------------------------------------------------------------------
-# Initialization arms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,17 +80,11 @@ class Arm:
 
   Attributes:
     kind: one of :data:`ARM_KINDS`.
-    num_blocks: pretrained units of "transfusion" and "slim" (None for the other kinds).
+    num_blocks: pretrained units of "transfusion" (in [0, units]) and "slim" (in [1, units]);
+      None for the other kinds.
   """
   kind: str
   num_blocks: int | None = None
-
-  def __post_init__(self):
-    if self.kind not in ARM_KINDS:
-      raise UserError(f"unknown arm {self.kind!r}; known: {', '.join(ARM_KINDS)}")
-    if (self.kind in _BLOCK_ARMS) != (self.num_blocks is not None):
-      raise UserError(f"arm {self.kind!r} takes num_blocks={self.num_blocks!r}; arms "
-                      f"{' and '.join(_BLOCK_ARMS)} need an int, the others none")
 
   @property
   def name(self) -> str:
@@ -138,31 +92,9 @@ class Arm:
     return self.kind if self.num_blocks is None else f"{self.kind}_k{self.num_blocks}"
 
 
-def copy_modules(source: PyTree, target: PyTree, names: Sequence[str], *,
-                 what: str = "pretrained") -> PyTree:
-  """``target`` with its top-level entries ``names`` taken from ``source``.
-
-  Args:
-    source: a variable collection (params or batch_stats) keyed by top-level module.
-    target: the same collection of the network being initialized.
-    names: the modules to copy; a name absent from both (a norm-free module's batch_stats) is
-      skipped.
-    what: how ``source`` is named in messages.
-
-  Raises:
-    UserError: a module in only one of the two trees, or with other leaves or shapes.
-  """
-  copied = dict(target)
-  for name in names:
-    if name not in source and name not in target:
-      continue
-    if name not in source or name not in target:
-      raise UserError(f"module {name!r} is in {'the target' if name in target else what} "
-                      f"variables only; are they the same architecture?")
-    tickets.check_matches(target[name], source[name], what=f"{what} module {name!r}",
-                          reference_name="the target's")
-    copied[name] = source[name]
-  return copied
+def _copy_modules(source: PyTree, target: PyTree, names: Sequence[str]) -> dict[str, PyTree]:
+  """``target`` with those of its top-level entries ``names`` it has taken from ``source``."""
+  return {**target, **{name: source[name] for name in names if name in target}}
 
 
 def transfuse(pretrained: Variables, fresh: Variables, block_names: Sequence[str],
@@ -171,32 +103,20 @@ def transfuse(pretrained: Variables, fresh: Variables, block_names: Sequence[str
   rest (and the head) from ``fresh``.
 
   Args:
-    pretrained: source variables, input channels already adapted.
+    pretrained: source variables, input channels adapted; the copied modules shaped as in
+      ``fresh``.
     fresh: the target network's random variables.
     block_names: the target model's ``block_names``.
-    num_blocks: k in [0, number of units]; 0 is random init, all units is full transfer.
-
-  Raises:
-    UserError: k out of range, or copied modules whose leaves differ.
+    num_blocks: k in [0, units]; 0 is random init, all units is full transfer.
   """
-  names = lowest_modules(block_names, num_blocks)
-  return {collection: copy_modules(pretrained.get(collection, {}), tree, names)
+  names = [name for unit in transfer_units(block_names)[:num_blocks] for name in unit]
+  return {collection: _copy_modules(pretrained.get(collection, {}), tree, names)
           for collection, tree in fresh.items()}
-
-
-def full_transfer(pretrained: Variables, fresh: Variables,
-                  block_names: Sequence[str]) -> dict[str, PyTree]:
-  """Every unit below the head from ``pretrained``; the head from ``fresh``."""
-  return transfuse(pretrained, fresh, block_names, len(transfer_units(block_names)))
 
 
 def _path_names(path: tuple) -> tuple[str, ...]:
   """Dict keys of a ``tree_flatten_with_path`` path."""
   return tuple(str(getattr(entry, "key", entry)) for entry in path)
-
-
-def _is_norm_leaf(path: tuple) -> bool:
-  return any("norm" in name for name in _path_names(path)[:-1])
 
 
 def mean_var_init(key: jax.Array, pretrained: Variables, fresh: Variables, *,
@@ -205,31 +125,29 @@ def mean_var_init(key: jax.Array, pretrained: Variables, fresh: Variables, *,
 
   Args:
     key: PRNG key of one standard-normal draw cut into the leaves.
-    pretrained: source variables (input channels adapted), same modules as ``fresh``.
+    pretrained: source variables (input channels adapted), the modules of ``fresh``.
     fresh: the target network's random variables; its head and running statistics are kept.
-    norm_init: "meanvar" (norm scale/bias redrawn like every tensor) or "default" (norm
-      scale/bias from ``fresh``); see the module docstring.
+    norm_init: one of :data:`NORM_INITS`: norm scale/bias redrawn like every tensor
+      ("meanvar") or taken from ``fresh`` ("default").
 
   Returns:
     ``{"params": ..., "batch_stats": fresh["batch_stats"]}``. A tensor of one element keeps its
     value (its variance is 0). Jit- and vmap-safe (over ``key``).
-
-  Raises:
-    UserError: unknown ``norm_init``, or pretrained modules that differ from the fresh ones.
   """
   if norm_init not in NORM_INITS:
-    raise UserError(f"unknown Mean-Var norm_init {norm_init!r}; known: {', '.join(NORM_INITS)}")
+    raise ValueError(f"unknown Mean-Var norm_init {norm_init!r}; known: {', '.join(NORM_INITS)}")
   fresh_params = fresh["params"]
-  body = [name for name in fresh_params if name != HEAD]
-  params = copy_modules(pretrained["params"], fresh_params, body)
+  params = _copy_modules(pretrained["params"], fresh_params,
+                         [name for name in fresh_params if name != _HEAD])
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  # One draw for the whole tree: a PRNG call per leaf costs XLA:CPU ~0.4 s of compile each.
+  # One draw for the whole tree: a PRNG call per leaf costs XLA:CPU a compile each.
   sizes = [leaf.size for _, leaf in leaves]
   noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
   offsets = np.cumsum([0, *sizes])
 
   def redraw(index: int, path: tuple, leaf: jax.Array, fresh_leaf: jax.Array) -> jax.Array:
-    if _path_names(path)[0] == HEAD or (norm_init == "default" and _is_norm_leaf(path)):
+    names = _path_names(path)
+    if names[0] == _HEAD or (norm_init == "default" and any("norm" in n for n in names[:-1])):
       return fresh_leaf
     standard = noise[offsets[index]:offsets[index + 1]].reshape(leaf.shape).astype(leaf.dtype)
     return jnp.mean(leaf) + jnp.std(leaf) * standard
@@ -258,10 +176,7 @@ def gabor_filters(key: jax.Array, kernel_shape: Sequence[int], *, std: float | j
   Returns:
     f32[k_h, k_w, C_in, C_out].
   """
-  if len(kernel_shape) != 4:
-    raise UserError(f"gabor kernel_shape={tuple(kernel_shape)!r}; expected (k_h, k_w, C_in, "
-                    "C_out)")
-  height, width, in_channels, out_channels = kernel_shape
+  height, width, _, out_channels = kernel_shape
   size = max(height, width)
   # (low, high) of orientation, wavelength, envelope width, aspect and phase; one draw for all.
   low, high = np.array([(0.0, math.pi), (2.0, max(2.0, size)), (size / 6, size / 3), (0.5, 1.0),
@@ -296,7 +211,7 @@ def initialize(arm: Arm, key: jax.Array, pretrained: Variables | None, fresh: Va
   Args:
     arm: the arm.
     key: PRNG key of the arm's own randomness (Mean-Var draws, Gabor filters).
-    pretrained: adapted source variables (unused by "random" and "gabor"; may be None there).
+    pretrained: adapted source variables (None allowed for "random" and "gabor").
     fresh: the target network's random variables (for "slim": of the slim network).
     block_names: the target model's ``block_names``.
     norm_init: Mean-Var's BatchNorm choice, see :func:`mean_var_init`.
@@ -308,92 +223,107 @@ def initialize(arm: Arm, key: jax.Array, pretrained: Variables | None, fresh: Va
     return dict(fresh)
   if arm.kind == "gabor":
     return gabor_init(key, fresh)
-  if pretrained is None:
-    raise UserError(f"arm {arm.name!r} needs pretrained variables")
   if arm.kind == "transfer":
-    return full_transfer(pretrained, fresh, block_names)
+    return transfuse(pretrained, fresh, block_names, len(transfer_units(block_names)))
   if arm.kind == "meanvar":
     return mean_var_init(key, pretrained, fresh, norm_init=norm_init)
-  minimum = 1 if arm.kind == "slim" else 0
-  check_num_blocks(arm.num_blocks, block_names, arm=arm.kind, minimum=minimum)
-  return transfuse(pretrained, fresh, block_names, arm.num_blocks)
+  if arm.kind in ("transfusion", "slim"):
+    return transfuse(pretrained, fresh, block_names, arm.num_blocks)
+  raise ValueError(f"unknown arm {arm.kind!r}; known: {', '.join(ARM_KINDS)}")
 
 
-def unit_widths(params: PyTree, block_names: Sequence[str]) -> tuple[int, ...]:
-  """Output channels of every unit: those of the first kernel (in path order) of its first
-  module, i.e. a CBR unit's conv or a residual block's planes."""
-  widths = []
-  for unit in transfer_units(block_names):
-    kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params[unit[0]])
-               if _path_names(path)[-1] == "kernel"]
-    if not kernels:
-      raise UserError(f"module {unit[0]!r} has no kernel to read its width from")
-    widths.append(int(kernels[0].shape[-1]))
-  return tuple(widths)
+def initialize_population(arms: Sequence[Arm], keys: jax.Array, pretrained: Variables | None,
+                          fresh: Variables, block_names: Sequence[str], *,
+                          norm_init: str = "meanvar") -> dict[str, PyTree]:
+  """Every arm of every seed as one population: member ``a * S + s`` is
+  ``initialize(arms[a], keys[s], pretrained, fresh[s], ...)``, so a seed's arms share its
+  fresh draw and key.
+
+  Args:
+    arms: A arms (for "slim", the slim network's only).
+    keys: S PRNG keys, one per seed.
+    pretrained: as in :func:`initialize` (no member axis).
+    fresh: the target network's random variables with a leading axis S.
+    block_names, norm_init: as in :func:`initialize`.
+
+  Returns:
+    Variables shaped like ``fresh`` with a leading axis A * S.
+  """
+
+  def seed_members(pretrained, fresh, key):
+    return [initialize(arm, key, pretrained, fresh, block_names, norm_init=norm_init)
+            for arm in arms]
+
+  per_arm = jax.vmap(seed_members, in_axes=(None, 0, 0))(pretrained, fresh, keys)
+  return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *per_arm)
+
+
+def unit_outputs(model: Any, variables: Variables, x: jax.Array) -> dict[str, jax.Array]:
+  """The representation of each unit: the output of its last module, in training mode.
+
+  Batch statistics normalize every network alike, an untrained one too (its running statistics
+  are still 0 / 1); running statistics are not updated.
+
+  Args:
+    model: a zoo model (``model.block_names``).
+    variables: its variables.
+    x: f32[B, H, W, C] normalized images.
+
+  Returns:
+    {last module of each unit: f32[B, ...]}, keyed as ``transfer_units``, lowest first.
+  """
+  acts = models.block_outputs(model, variables, x, train=True)
+  return {unit[-1]: acts[unit[-1]].astype(jnp.float32)
+          for unit in transfer_units(model.block_names)}
 
 
 def slim_unit_widths(params: PyTree, block_names: Sequence[str], num_blocks: int,
                      factor: float) -> tuple[int, ...]:
-  """The ``unit_widths`` model option of a slim top: the lowest ``num_blocks`` units at their
-  widths, every unit above divided by ``factor`` (at least 1 channel).
+  """The ``unit_widths`` model option of a slim top.
 
-  Raises:
-    UserError: ``num_blocks`` outside [1, units] or ``factor`` < 1.
+  Args:
+    params: the full network's params; a unit's width is the output channels of the first
+      kernel (in path order) of its first module: a CBR unit's conv, a residual block's planes.
+    block_names: the model's ``block_names``.
+    num_blocks: units kept at their width, in [1, units].
+    factor: >= 1; every unit above is divided by it (at least 1 channel).
   """
-  num_blocks = check_num_blocks(num_blocks, block_names, arm="slim", minimum=1)
-  errors.check_number("slim factor", factor, 1)
-  widths = unit_widths(params, block_names)
-  return widths[:num_blocks] + tuple(max(1, round(width / factor))
-                                     for width in widths[num_blocks:])
-
-
-# ----------------------------------------------------------------------------------------------
-# Grayscale, datasets
+  widths = []
+  for unit in transfer_units(block_names):
+    kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params[unit[0]])
+               if _path_names(path)[-1] == "kernel"]
+    widths.append(int(kernels[0].shape[-1]))
+  return tuple(widths[:num_blocks]) + tuple(max(1, round(width / factor))
+                                            for width in widths[num_blocks:])
 
 
 def adapt_input_channels(params: PyTree, in_channels: int) -> PyTree:
   """``params`` with the ``stem`` kernel f32[k, k, C_src, C_out] made to read ``in_channels``.
 
   RGB to gray (``in_channels == 1``): the sum over the source channels, which equals repeating
-  the gray image in every channel. Gray to C channels: the kernel divided by C and repeated,
-  which equals the source net seeing the channels' mean. Equal counts: unchanged.
-
-  Raises:
-    UserError: any other pair of channel counts.
+  the gray image in every channel. Gray to C channels (``C_src == 1``): the kernel divided by C
+  and repeated, which equals the source net seeing the channels' mean. Equal counts: unchanged.
+  Other pairs of counts are not defined.
   """
   kernel = params["stem"]["kernel"]
-  source_channels = kernel.shape[-2]
-  if source_channels == in_channels:
+  if kernel.shape[-2] == in_channels:
     return params
   if in_channels == 1:
     adapted = jnp.sum(kernel, axis=-2, keepdims=True)
-  elif source_channels == 1:
-    adapted = jnp.repeat(kernel / in_channels, in_channels, axis=-2)
   else:
-    raise UserError(f"cannot adapt a first conv from {source_channels} to {in_channels} input "
-                    "channels; expected equal counts, or one of them 1")
+    adapted = jnp.repeat(kernel / in_channels, in_channels, axis=-2)
   return {**params, "stem": {**params["stem"], "kernel": adapted}}
 
 
 def class_subset(dataset: data_lib.Dataset, classes: Sequence[int] | None) -> data_lib.Dataset:
   """The examples of ``classes`` only, relabelled 0.. in the given order (None: unchanged).
 
-  Normalization statistics are kept. Used to split digits into a source task and a held-out
-  target task.
-
-  Raises:
-    UserError: fewer than 2 classes, repeats, or a class the dataset lacks.
+  Args:
+    dataset: any dataset; its normalization statistics are kept.
+    classes: distinct labels in [0, dataset.num_classes), at least 2, or None.
   """
   if classes is None:
     return dataset
-  if isinstance(classes, (str, numbers.Number)) or not all(
-      isinstance(label, numbers.Integral) and not isinstance(label, bool) for label in classes):
-    raise UserError(f"classes={classes!r}; expected a sequence of int labels")
-  classes = tuple(int(label) for label in classes)
-  if len(classes) < 2 or len(set(classes)) != len(classes) or \
-      not all(0 <= label < dataset.num_classes for label in classes):
-    raise UserError(f"classes={classes!r}; expected at least 2 distinct labels in "
-                    f"[0, {dataset.num_classes}) of {dataset.name}")
   lookup = np.full(dataset.num_classes, -1, np.int32)
   lookup[list(classes)] = np.arange(len(classes))
 
@@ -405,10 +335,6 @@ def class_subset(dataset: data_lib.Dataset, classes: Sequence[int] | None) -> da
 
   return dataclasses.replace(dataset, train=take(dataset.train), val=take(dataset.val),
                              test=take(dataset.test), num_classes=len(classes))
-
-
-# ----------------------------------------------------------------------------------------------
-# Convergence
 
 
 def steps_to_threshold(steps: Sequence[int] | np.ndarray, auc: np.ndarray,
@@ -425,8 +351,8 @@ def steps_to_threshold(steps: Sequence[int] | np.ndarray, auc: np.ndarray,
   """
   steps = np.asarray(steps, np.float64)
   auc = np.asarray(auc, np.float64)
-  if auc.shape[:1] != steps.shape:
-    raise UserError(f"auc has {auc.shape[:1]} evaluations, steps {steps.shape}")
+  if auc.shape[:1] != steps.shape:  # Fewer AUCs than steps would index silently.
+    raise ValueError(f"auc has {auc.shape[:1]} evaluations, steps {steps.shape}")
   reached = np.nan_to_num(auc, nan=-np.inf) >= threshold
   first = np.argmax(reached, axis=0)
   return np.where(reached.any(axis=0), steps[first], np.inf)

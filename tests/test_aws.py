@@ -15,12 +15,14 @@ from assertions import assert_fast_in_a_loop, assert_one_line_user_error, host_w
 
 from experiments import aws as runner
 from experiments.configs import aws as aws_configs
+from experiments.reports import aws as aws_report
 from jaxtickets import aws, lmc, loop, models, population, tickets
 from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
 from jaxtickets.errors import UserError
 
 KEY = jax.random.PRNGKey(0)
+SMALL = ["--config", "experiments/configs/aws.py:small"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def trained(network, data):
 def small_run(tmp_path_factory):
   """``python -m experiments.aws --config small``: (results, workdir)."""
   workdir = tmp_path_factory.mktemp("aws") / "small"
-  runner.main(["--config", "small", "--workdir", str(workdir)])
+  runner.main([*SMALL, "--workdir", str(workdir)])
   return json.loads((workdir / "results.json").read_text()), workdir
 
 
@@ -64,6 +66,12 @@ def random_params(shapes, seed=0):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda leaf: jnp.asarray(rng.standard_normal(leaf.shape), jnp.float32),
                       shapes)
+
+
+def pruned(params, prunable, fraction):
+  """``aws.prune`` of a dense network by one round removing ``fraction``: (params, mask)."""
+  _, kept = aws.survivor_counts(aws.num_prunable(params, prunable), 1, fraction)
+  return aws.prune(params, aws.dense_mask(params), prunable, kept)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,14 +87,15 @@ def test_global_pruning_removes_20_percent_of_survivors_and_keeps_the_rest_dense
   assert flags["stem/kernel"] and flags["layer2_0/shortcut/kernel"] and not flags["head/kernel"]
   assert not any(flag for path, flag in flags.items() if "norm" in path or "bias" in path)
 
-  prune = jax.jit(lambda params, mask: aws.prune(params, mask, prunable, 0.2))
-  mask, survivors = aws.dense_mask(params), tickets.sparsity_report(
-      aws.dense_mask(params), prunable)["total"]
-  for _ in range(3):
-    pruned, mask = prune(params, mask)
+  # The kept count is traced: one compiled cut serves every round.
+  prune = jax.jit(lambda params, mask, kept: aws.prune(params, mask, prunable, kept))
+  mask = aws.dense_mask(params)
+  survivors = aws.survivor_counts(aws.num_prunable(params, prunable), 3, 0.2)
+  assert survivors[0] == tickets.sparsity_report(mask, prunable)["total"]
+  for kept_count in survivors[1:]:
+    pruned, mask = prune(params, mask, np.int32(kept_count))
     report = tickets.sparsity_report(mask, prunable)
-    assert report["kept"] == int(survivors * 0.8)  # the reference's count, in float64
-    survivors = report["kept"]
+    assert report["kept"] == kept_count
     # One global threshold: every kept weight is at least as large as every pruned one.
     kept, removed = [], []
     for flag, weight, keep in zip(*map(jax.tree.leaves, (prunable, params, mask))):
@@ -116,11 +125,12 @@ def test_next_round_prunes_resets_the_optimizer_and_rewinds_on_request(network):
                               aws.dense_mask(params), True, optimizer)
   end = end._replace(train=end.train._replace(
       step=jnp.int32(7), opt_state=jax.tree.map(jnp.ones_like, end.train.opt_state)))
-  expected_params, expected_mask = aws.prune(end.train.params, end.mask, prunable, 0.2)
+  kept = aws.survivor_counts(aws.num_prunable(params, prunable), 1, 0.2)[1]
+  expected_params, expected_mask = aws.prune(end.train.params, end.mask, prunable, kept)
   new_key = jax.random.PRNGKey(9)
   for rewind, (from_params, from_stats) in ((None, (expected_params, end.train.batch_stats)),
                                             (start, (params, batch_stats))):
-    new = aws.next_round(end, optimizer, prunable, fraction=0.2, key=new_key, rewind=rewind)
+    new = aws.next_round(end, optimizer, prunable, kept=kept, key=new_key, rewind=rewind)
     # The mask comes from the trained weights either way; IMP then restarts from ``rewind``.
     chex.assert_trees_all_equal(new.mask, expected_mask)
     chex.assert_trees_all_equal(new.train.params, tickets.apply_mask(from_params, expected_mask))
@@ -130,16 +140,22 @@ def test_next_round_prunes_resets_the_optimizer_and_rewinds_on_request(network):
     assert all(float(jnp.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(new.train.opt_state))
 
 
+def test_survivor_counts_are_the_references_float64_floor():
+  assert aws.survivor_counts(1000, 3, 0.2) == [1000, 800, 640, 512]
+  assert aws.survivor_counts(5, 2, 0.2) == [5, 4, 3]  # ceil(0.2 S) go, not int(0.2 S)
+  # 1 - 0.9 is 0.09999999999999998 in float64: of 10 survivors none stays, as in the reference.
+  assert aws.survivor_counts(10, 1, 0.9) == [10, 0]
+
+
 def test_density_schedule_and_its_bad_input():
-  assert aws.nominal_densities(3, 0.2) == pytest.approx([0.8, 0.64, 0.512])
-  assert aws.rounds_for_densities((0.64, 0.8**15, 0.8), 15) == (2, 15, 1)
+  assert aws_configs.rounds_for_densities((0.64, 0.8**15, 0.8), 15, 0.2) == (2, 15, 1)
   for densities in ((0.0,), (1.5,), (-0.2,)):
-    assert_one_line_user_error(lambda: aws.rounds_for_densities(densities, 15), "density must be")
-  assert_one_line_user_error(lambda: aws.rounds_for_densities((0.01,), 3), "nearest round 21")
-  assert_one_line_user_error(lambda: aws.rounds_for_densities((1.0,), 3), "nearest round 0")
-  for rounds in (0, -1, 1.5):
-    assert_one_line_user_error(lambda: aws.nominal_densities(rounds), f"got {rounds!r}")
-  assert_one_line_user_error(lambda: aws.nominal_densities(2, 1.0), "fraction")
+    assert_one_line_user_error(lambda: aws_configs.rounds_for_densities(densities, 15, 0.2),
+                               "density must be")
+  assert_one_line_user_error(lambda: aws_configs.rounds_for_densities((0.01,), 3, 0.2),
+                             "nearest round 21")
+  assert_one_line_user_error(lambda: aws_configs.rounds_for_densities((1.0,), 3, 0.2),
+                             "nearest round 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,8 +198,6 @@ def test_aws_draws_one_alpha_per_step_for_every_norm_layer(network, data):
   # Without AWS, train mode needs no key (BatchNorm recalibration calls it without one).
   plain, _ = aws.aws_apply_fn(apply_fn, mask, False)(params, batch_stats, x, True)
   np.testing.assert_array_equal(plain, apply_fn(params, batch_stats, x, True)[0])
-  with pytest.raises(UserError, match="pass one"):
-    aws.aws_apply_fn(apply_fn, mask, True)(params, batch_stats, x, True)
 
 
 def test_aws_with_alpha_zero_is_plain_training(network, data):
@@ -213,7 +227,7 @@ def test_aws_with_alpha_zero_is_plain_training(network, data):
 def test_aws_population_step_runs_fast_in_a_loop(network, data):
   apply_fn, params, batch_stats, prunable = network
   optimizer = train_lib.sgd(0.1)
-  _, mask = aws.prune(params, aws.dense_mask(params), prunable, 0.5)
+  _, mask = pruned(params, prunable, 0.5)
   states = population.stack([aws.init_sparse_state(KEY, params, batch_stats, mask, flag,
                                                    optimizer) for flag in (False, True)])
   # LRR and AWS members with the runner's crop + flip augmentation.
@@ -232,7 +246,7 @@ def test_pruned_weights_stay_exactly_zero_while_the_rest_trains(network, data):
       states, _ = step(states, data[0])
     return states
 
-  _, mask = aws.prune(params, aws.dense_mask(params), prunable, 0.5)
+  _, mask = pruned(params, prunable, 0.5)
   initial = population.stack([aws.init_sparse_state(KEY, params, batch_stats, mask, flag,
                                                     optimizer) for flag in (False, True)])
   final = run(initial)
@@ -253,7 +267,7 @@ def test_sign_transfer_keeps_the_mask_and_the_signs_on_fresh_magnitudes(network)
   trained = random_params(params, seed=3)
   trained_stats = jax.tree.map(lambda leaf: leaf + 0.5, batch_stats)
   fresh = random_params(params, seed=4)
-  _, mask = aws.prune(trained, aws.dense_mask(trained), prunable, 0.6)
+  _, mask = pruned(trained, prunable, 0.6)
   new, stats, new_mask = jax.jit(lambda *args: aws.transfer("sign", *args, prunable))(
       trained, trained_stats, mask, fresh, batch_stats)
   chex.assert_trees_all_equal(new_mask, mask)
@@ -277,8 +291,8 @@ def test_sign_transfer_keeps_the_mask_and_the_signs_on_fresh_magnitudes(network)
                                              batch_stats, prunable)
   chex.assert_trees_all_equal(retrained, tickets.apply_mask(trained, mask))
   chex.assert_trees_all_equal(retrain_stats, trained_stats)
-  assert_one_line_user_error(lambda: aws.transfer("signs", trained, trained_stats, mask, fresh,
-                                                  batch_stats, prunable), "unknown transfer")
+  with pytest.raises(ValueError, match="unknown transfer 'signs'"):
+    aws.transfer("signs", trained, trained_stats, mask, fresh, batch_stats, prunable)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +317,7 @@ def test_recalibration_from_reset_reproduces_a_plain_pass(network, data):
 
 def test_barrier_of_a_model_with_itself_is_zero(network, trained, data):
   apply_fn, _, batch_stats, prunable = network
-  params, mask = aws.prune(trained[0], aws.dense_mask(trained[0]), prunable, 0.5)
+  params, mask = pruned(trained[0], prunable, 0.5)
   curve = lmc.make_error_curve(apply_fn, num_points=5, batch_size=100)
   result = lmc.connectivity(curve, params, mask, params, mask, batch_stats, *data, KEY)
   assert len(result["errors"]) == 5 and len(set(result["errors"])) == 1
@@ -322,22 +336,19 @@ def test_barrier_of_a_model_with_itself_is_zero(network, trained, data):
 def test_barrier_definition():
   assert lmc.barrier([0.1, 0.3, 0.1]) == pytest.approx(0.2)
   assert lmc.barrier([0.1, 0.1, 0.3]) == pytest.approx(0.1)  # endpoints count, as in AWS
-  assert_one_line_user_error(lambda: lmc.barrier([0.2]), "at least 2 points")
+  with pytest.raises(ValueError, match=r"got shape \(1,\)"):
+    lmc.barrier([0.2])
   # A stack of curves is not one long curve (its endpoints would come from different curves).
-  assert_one_line_user_error(lambda: lmc.barrier([[0.1, 0.5, 0.1], [0.3, 0.3, 0.3]]),
-                             "one error curve", "(2, 3)")
-  assert_one_line_user_error(lambda: lmc.make_error_curve(None, num_points=1), "num_points=1")
+  with pytest.raises(ValueError, match=r"one error curve .* got shape \(2, 3\)"):
+    lmc.barrier([[0.1, 0.5, 0.1], [0.3, 0.3, 0.3]])
 
 
 def test_lmc_refuses_two_different_masks(network, data):
   _, params, batch_stats, prunable = network
-  _, mask_a = aws.prune(random_params(params, seed=7), aws.dense_mask(params), prunable, 0.5)
-  _, mask_b = aws.prune(random_params(params, seed=8), aws.dense_mask(params), prunable, 0.5)
-  assert_one_line_user_error(
-      lambda: lmc.connectivity(None, params, mask_a, params, mask_b, batch_stats, *data, KEY),
-      "needs one mask", "conv/kernel")
-  assert_one_line_user_error(lambda: lmc.reset_batch_stats({"norm": {"scale": jnp.ones(3)}}),
-                             "not a BatchNorm")
+  _, mask_a = pruned(random_params(params, seed=7), prunable, 0.5)
+  _, mask_b = pruned(random_params(params, seed=8), prunable, 0.5)
+  with pytest.raises(ValueError, match="needs one mask; leaf '.*conv/kernel'"):
+    lmc.connectivity(None, params, mask_a, params, mask_b, batch_stats, *data, KEY)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,8 +380,8 @@ def test_small_run_writes_results_report_and_figures(small_run):
       assert len(pair["errors"]) == config.lmc.num_points
     # Two seeds: one accuracy per seed at each point.
     assert [len(a) for a in results["transfer"][f"{method}_sign"]["accuracy"]] == [2]
-  assert results["transfer"]["dense"]["density"] == [1.0]
-  assert set(results["findings"]) == {"init_norm_barrier", "sign_transfer_accuracy"}
+  assert results["study"] == "aws" and results["transfer"]["dense"]["density"] == [1.0]
+  assert set(aws_report.findings(results)) == {"init_norm_barrier", "sign_transfer_accuracy"}
 
 
 def test_transfers_keep_the_mask_of_their_own_methods_ticket(small_run):
@@ -379,13 +390,13 @@ def test_transfers_keep_the_mask_of_their_own_methods_ticket(small_run):
   _, workdir = small_run
   config = aws_configs.get_config("small")
   context = runner.make_context(config, workdir, False)
-  pruning = runner.pruning_stage(context)
-  members, finals, _ = runner.transfer_stage(context, pruning, runner.check_config(config))
+  trained, _ = runner.pruning_stage(context)
+  members, finals, _ = runner.transfer_stage(context, trained, aws_configs.check_config(config))
   checked = 0
   for index, member in enumerate(members):
     if member.source == "dense":
       continue
-    masks = pruning.tickets[member.round - 1][2]
+    masks = trained[member.round].mask
     own, other = (population.select(masks, config.methods.index(method))
                   for method in (member.source, *set(config.methods) - {member.source}))
     mask = population.select(finals.mask, index)
@@ -399,7 +410,7 @@ def test_small_run_resumes_without_training_again(small_run):
   results, workdir = small_run
   logs = sorted(workdir.glob("**/metrics.jsonl"))
   before = [path.read_text() for path in logs]
-  runner.main(["--config", "small", "--workdir", str(workdir)])
+  runner.main([*SMALL, "--workdir", str(workdir)])
   assert [path.read_text() for path in logs] == before
   assert json.loads((workdir / "results.json").read_text()) == results
 
@@ -416,14 +427,14 @@ def test_small_run_resumes_without_training_again(small_run):
     ("methods=('imp', 1)", "unknown 'imp'"), ("methods=(['lrr'],)", "expected names or numbers"),
     ("transfer.densities=(0.25, 0.26)", "are both nearest round 2"),
     ("lmc.batch_size=5000", "lmc.batch_size=5000 exceeds"),
-    ("model_options.norm='none'", "AWS interpolates norm params"),
+    ("model_options.norm=none", "AWS interpolates norm params"),
     ("methods=None", "methods=None"), ("transfer.seeds=None", "transfer.seeds=None"),
-    ("transfer.densities=None", "densities=None"), ("transfer.dense=None", "True or False"),
+    ("transfer.densities=None", "densities=None"), ("transfer.dense=None", "transfer.dense"),
     # Four test devices: every population must split over them (found before any training).
-    ("strategy='shard'", "the pruning population (methods): 2 members"),
+    ("strategy=shard", "the pruning population (methods): 2 members"),
 ])
 def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
-  assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
+  assert_cli_user_error(runner.main, [*SMALL, f"--config.{override}"], fragment)
 
 
 def test_sharded_populations_are_checked_before_anything_trains(monkeypatch):
@@ -432,13 +443,14 @@ def test_sharded_populations_are_checked_before_anything_trains(monkeypatch):
   monkeypatch.setattr(jax, "device_count", lambda: 2)
   config = aws_configs.get_config("small")
   config.strategy = "shard"
-  assert_one_line_user_error(lambda: runner.check_config(config),
+  assert_one_line_user_error(lambda: aws_configs.check_config(config),
                              "the error curve (lmc.num_points): 11 members")
   config.lmc.num_points = 4
   config.transfer.population_size = 3
-  assert_one_line_user_error(lambda: runner.check_config(config), "a transfer group: 3 members")
+  assert_one_line_user_error(lambda: aws_configs.check_config(config),
+                             "a transfer group: 3 members")
   config.transfer.population_size = 4  # Groups of 4, 4, 4 and 2.
-  runner.check_config(config)
+  aws_configs.check_config(config)
 
 
 def test_unknown_preset_is_a_user_error():

@@ -14,12 +14,12 @@ import optax
 import pytest
 
 from experiments import build
+from experiments import report as report_runner
 from experiments import rst as runner
 from experiments.configs import rst as rst_configs
 from jaxtickets import attacks, checkpoint, models, population, rst, tickets
 from jaxtickets import data as data_lib
 from jaxtickets import train as train_lib
-from jaxtickets.errors import UserError
 
 from assertions import assert_fast_in_a_loop
 
@@ -73,8 +73,9 @@ def test_ticket_keeps_the_reference_count_in_every_layer():
   rng = np.random.default_rng(0)
   scores = jax.tree.map(lambda leaf: rng.standard_normal(leaf.shape).astype(np.float32), params)
   for keep_ratio in (0.05, 0.3, 0.9, 1.0):  # (1 - 0.9) * 10 = 0.999...: 10 of 10 are kept
-    mask = jax.jit(lambda scores: rst.ticket_mask(rst.Ticket(params, scores, keep_ratio),
-                                                  prunable))(scores)
+    kept = tickets.kept_counts(params, keep_ratio, prunable)
+    mask = jax.jit(lambda scores, kept: rst.ticket_mask(rst.Ticket(params, scores, kept),
+                                                        prunable))(scores, kept)
     for path, keep in jax.tree.leaves_with_path(mask):
       assert int(keep.sum()) == reference_kept(keep.size, keep_ratio), (path, keep_ratio)
 
@@ -82,9 +83,10 @@ def test_ticket_keeps_the_reference_count_in_every_layer():
 def test_weights_are_signed_kaiming_constants_shared_by_the_weight_key():
   params = zero_params("convnet3", width=4)
   prunable = tickets.prunable(params)
-  draw = jax.jit(lambda score_key, keep_ratio: rst.init_ticket(KEY, score_key, params,
-                                                               keep_ratio, prunable))
-  first, second = draw(jax.random.key(1), 0.1), draw(jax.random.key(2), 0.5)
+  draw = jax.jit(lambda score_key, kept: rst.init_ticket(KEY, score_key, params, kept,
+                                                         prunable))
+  first = draw(jax.random.key(1), tickets.kept_counts(params, 0.1, prunable))
+  second = draw(jax.random.key(2), tickets.kept_counts(params, 0.5, prunable))
   for weight, other, score, other_score in zip(*map(jax.tree.leaves, (
       first.weights, second.weights, first.scores, second.scores))):
     np.testing.assert_array_equal(weight, other)
@@ -174,12 +176,13 @@ def test_apgd_is_at_least_as_strong_as_pgd20_on_the_searched_tickets(small_run):
 
 def test_adversarial_search_trains_scores_only(small_run):
   results, config, _ = small_run
-  _, params, _ = runner.ticket_network(config, build.dataset(config))
+  _, params, _ = runner.network(config, build.dataset(config),
+                                runner.seed_key(config, "model_init"), **rst.MODEL_OPTIONS)
   prunable = tickets.prunable(params)
   initial = runner.initial_tickets(config, params, prunable)
   for name in ("rst", "natural"):
     stage = results["stages"][name]
-    for trained in (stage.last.params, stage.best["params"]):
+    for trained in (stage.last.train.params, stage.best["params"]):
       chex.assert_trees_all_equal(trained["weights"], initial.weights)
       moved = jax.tree.map(lambda new, old: float(jnp.mean(new != old)), trained["scores"],
                            initial.scores)
@@ -189,26 +192,46 @@ def test_adversarial_search_trains_scores_only(small_run):
 def test_r2s_search_step_runs_fast_in_a_loop(digits, tiny_network):
   apply_fn, params, batch_stats, prunable = tiny_network
   optimizer = rst.score_optimizer(0.1)
-  keep_ratios = rst.keep_ratio_array([0.3, 0.5])
 
-  def member(keep_ratio):
-    ticket = rst.init_ticket(KEY, jax.random.key(1), params, keep_ratio, prunable)
-    return train_lib.create_train_state(KEY, rst.search_params(ticket), batch_stats, optimizer)
+  def member(kept):
+    ticket = rst.init_ticket(KEY, jax.random.key(1), params, kept, prunable)
+    return rst.init_search_state(KEY, ticket, batch_stats, optimizer)
 
   # Crops, PGD and the masks' top-k of two tickets, as the runner's R2S search compiles them.
-  step = rst.make_population_step(rst.make_search_step(apply_fn, optimizer, prunable,
-                                                       batch_size=16), keep_ratios)
-  assert_fast_in_a_loop(step, jax.vmap(member)(keep_ratios), train_lib.device_data(digits.train))
+  step = population.run(rst.make_search_step(apply_fn, optimizer, prunable, batch_size=16))
+  states = jax.vmap(member)(tickets.kept_counts(params, [0.3, 0.5], prunable))
+  assert_fast_in_a_loop(step, states, train_lib.device_data(digits.train))
+
+
+def test_population_step_equals_its_members_run_one_at_a_time(digits, tiny_network):
+  apply_fn, params, batch_stats, prunable = tiny_network
+  optimizer = rst.score_optimizer(0.1)
+  step = rst.make_search_step(apply_fn, optimizer, prunable, batch_size=16, augment=None,
+                              attack=rst.TrainingAttack(num_steps=2))
+  kept = tickets.kept_counts(params, [0.3, 0.5], prunable)
+  ticket = rst.init_ticket(KEY, jax.random.key(1), params, kept, prunable)
+  keys = jax.random.split(jax.random.PRNGKey(0))  # Raw keys: the states are compared as arrays.
+  states = jax.vmap(lambda ticket, key: rst.init_search_state(key, ticket, batch_stats,
+                                                              optimizer),
+                    in_axes=(rst.Ticket(None, None, 0), 0))(ticket, keys)
+  data = train_lib.device_data(digits.train)
+  for strategy in ("vmap", "map"):
+    together, metrics = jax.jit(population.run(step, strategy=strategy))(states, data)
+    for member in range(2):
+      alone, alone_metrics = jax.jit(step)(population.select(states, member), data)
+      chex.assert_trees_all_close(population.select(together, member), alone, atol=1e-5)
+      chex.assert_trees_all_close(population.select(metrics, member), alone_metrics, atol=1e-5)
 
 
 def test_search_step_sorts_each_layer_once(digits, tiny_network):
   apply_fn, params, batch_stats, prunable = tiny_network
   optimizer = rst.score_optimizer(0.1)
-  ticket = jax.jit(lambda: rst.init_ticket(KEY, jax.random.key(1), params, 0.5, prunable))()
-  state = train_lib.create_train_state(KEY, rst.search_params(ticket), batch_stats, optimizer)
+  kept = tickets.kept_counts(params, 0.5, prunable)
+  ticket = jax.jit(lambda: rst.init_ticket(KEY, jax.random.key(1), params, kept, prunable))()
+  state = rst.init_search_state(KEY, ticket, batch_stats, optimizer)
   step = rst.make_search_step(apply_fn, optimizer, prunable, batch_size=16, augment=None)
   data = train_lib.device_data(digits.train)
-  run = jax.jit(lambda state, data: step(state, data, 0.5))
+  run = jax.jit(step)
 
   def sorts(jaxpr, in_loop=False):
     """(inside a loop, dtype) of every sort in ``jaxpr`` and its sub-jaxprs."""
@@ -244,12 +267,15 @@ def test_adversarial_tickets_are_more_robust_than_natural_ones(small_run):
 def test_population_members_keep_their_own_counts(small_run):
   results, config, _ = small_run
   stage = results["stages"]["rst"]
-  subnetworks = jax.jit(stage.subnetworks)(stage.last.params)  # traced keep ratios, vmapped
+  searched = stage.last.train.params
+  subnetworks = jax.jit(stage.subnetworks)(searched)  # i32[K] kept counts, vmapped
   for member, keep_ratio in enumerate(config.keep_ratios):
     weights = population.select(subnetworks, member)
     prunable = tickets.prunable(weights)
-    single = jax.jit(lambda params: rst.subnetwork(rst.ticket_of(params, keep_ratio), prunable))(
-        population.select(stage.last.params, member))  # a Python keep ratio
+    kept = tickets.kept_counts(weights, keep_ratio, prunable)
+    chex.assert_trees_all_equal(population.select(stage.last.kept, member), kept)
+    single = jax.jit(lambda params: rst.subnetwork(rst.ticket_of(params, kept), prunable))(
+        population.select(searched, member))
     for (path, leaf), single_leaf in zip(jax.tree.leaves_with_path(weights),
                                          jax.tree.leaves(single)):
       assert int(jnp.count_nonzero(leaf)) == reference_kept(leaf.size, keep_ratio), path
@@ -261,7 +287,7 @@ def test_last_and_best_states_are_checkpointed_and_restored(small_run):
   stage = results["stages"]["rst"]
   with checkpoint.Checkpointer(workdir / "rst" / "checkpoints") as checkpointer:
     chex.assert_trees_all_equal(checkpointer.restore(stage.last), stage.last)
-  restored = runner.BestStates(workdir / "rst" / "best", stage.last)
+  restored = runner.BestStates(workdir / "rst" / "best", stage.last.train)
   chex.assert_trees_all_equal(restored.best, stage.best)
   restored.close()
   val_scores = np.array([record["val_pgd_accuracy"] for record in stage.records])
@@ -276,9 +302,12 @@ def test_finetune_stage_trains_the_selected_tickets_kept_weights(small_run):
   results, config, _ = small_run
   selected, finetuned = results["stages"]["rst"].best["params"], results["stages"]["finetune"]
   for member, keep_ratio in enumerate(config.keep_ratios):
-    ticket = rst.ticket_of(population.select(selected, member), keep_ratio)
-    mask = rst.ticket_mask(ticket, tickets.prunable(ticket.weights))
-    weights = population.select(finetuned.last.params, member)
+    params = population.select(selected, member)
+    prunable = tickets.prunable(params["weights"])
+    ticket = rst.ticket_of(params, tickets.kept_counts(params["weights"], keep_ratio, prunable))
+    mask = rst.ticket_mask(ticket, prunable)
+    chex.assert_trees_all_equal(population.select(finetuned.last.mask, member), mask)
+    weights = population.select(finetuned.last.train.params, member)
     for new, old, keep in zip(*map(jax.tree.leaves, (weights, ticket.weights, mask))):
       assert np.mean(np.asarray(new != old)[np.asarray(keep)]) > 0.5
   table = results["tickets"]["finetune"]["last"]
@@ -287,10 +316,11 @@ def test_finetune_stage_trains_the_selected_tickets_kept_weights(small_run):
 
 def test_finetuning_trains_only_the_kept_weights(digits, tiny_network):
   apply_fn, params, batch_stats, prunable = tiny_network
+  kept = tickets.kept_counts(params, 0.3, prunable)
 
   @jax.jit
   def draw():
-    ticket = rst.init_ticket(KEY, jax.random.key(1), params, 0.3, prunable)
+    ticket = rst.init_ticket(KEY, jax.random.key(1), params, kept, prunable)
     return (ticket, rst.ticket_mask(ticket, prunable), rst.finetune_weights(ticket, prunable),
             rst.finetune_weights(ticket, prunable, init="reinit", key=jax.random.key(5)))
 
@@ -298,10 +328,12 @@ def test_finetuning_trains_only_the_kept_weights(digits, tiny_network):
   chex.assert_trees_all_equal(weights, ticket.weights)
   assert not np.array_equal(fresh["stem"]["kernel"], ticket.weights["stem"]["kernel"])
   optimizer = train_lib.sgd(0.1, momentum=0.0, weight_decay=0.0)
-  state = train_lib.create_train_state(KEY, weights, batch_stats, optimizer)
+  state = rst.FinetuneState(train_lib.create_train_state(KEY, weights, batch_stats, optimizer),
+                            mask)
   step = rst.make_finetune_step(apply_fn, optimizer, batch_size=32, augment=None, attack=None)
-  new_state, _ = jax.jit(step)(state, train_lib.device_data(digits.train), mask)
-  for new, old, keep in zip(*map(jax.tree.leaves, (new_state.params, weights, mask))):
+  new_state, _ = jax.jit(step)(state, train_lib.device_data(digits.train))
+  chex.assert_trees_all_equal(new_state.mask, mask)
+  for new, old, keep in zip(*map(jax.tree.leaves, (new_state.train.params, weights, mask))):
     changed = np.asarray(new != old)
     assert not changed[~np.asarray(keep)].any()
     assert changed[np.asarray(keep)].mean() > 0.5
@@ -387,65 +419,41 @@ def test_r2s_evaluations(small_run):
   assert r2s["clean"] > r2s["random_ticket_attacker"]
   # The adaptive (EOT) attacker does better than attacking one random ticket.
   assert r2s["eot_attacker"] < r2s["random_ticket_attacker"]
-  report = (workdir / "report.md").read_text()
+
+
+def test_report_is_rendered_from_the_results_file(small_run):
+  results, _, workdir = small_run
+  assert results["study"] == "rst"
+  report = report_runner.render(workdir).read_text()
+  assert report.startswith("# RST + R2S: convnet3 on digits\n")
   assert "(d) R2S vs adaptive EOT-PGD-20" in report
+  assert "| RST (adversarial search) | 0.500 | best val PGD-20 (epoch" in report
   assert (workdir / "rst_transfer_matrix.png").stat().st_size > 0
-  assert (workdir / "results.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------
 # Bad input
 
 
-def one_line(error_info) -> str:
-  message = str(error_info.value)
-  assert "\n" not in message
-  return message
-
-
-def test_bad_input_raises_one_line_user_errors():
-  with pytest.raises(UserError, match="eps=-0.1") as error:
-    rst.TrainingAttack(eps=-0.1)
-  one_line(error)
-  with pytest.raises(UserError, match="num_steps=0") as error:
-    rst.TrainingAttack(num_steps=0)
-  one_line(error)
-  params = zero_params("convnet3", width=4)
-  prunable = tickets.prunable(params)
-  for keep_ratio in (0.0, 1.5, -0.2):
-    with pytest.raises(UserError, match="keep_ratio") as error:
-      rst.init_ticket(KEY, KEY, params, keep_ratio, prunable)
-    one_line(error)
-  with pytest.raises(UserError, match="keep_ratios"):
-    rst.keep_ratio_array([])
-  # Arrays are sequences of ratios too, checked for repeats by value.
-  np.testing.assert_array_equal(rst.keep_ratio_array(jnp.array([0.25, 0.5])), [0.25, 0.5])
-  with pytest.raises(UserError, match=r"keep_ratios=\(0.5, 0.5\) repeats 0.5") as error:
-    rst.keep_ratio_array(np.array([0.5, 0.5]))
-  one_line(error)
-  wider = zero_params("convnet3", width=8)
-  wider_prunable = tickets.prunable(wider)
-  ticket = jax.eval_shape(lambda: rst.init_ticket(KEY, KEY, wider, 0.5, wider_prunable))
-  with pytest.raises(UserError, match="weights leaf 'block1/conv/kernel' has shape") as error:
-    rst.check_ticket(ticket, params)
-  one_line(error)
-  with pytest.raises(UserError, match="init 'reinit' needs a PRNG key"):
-    rst.finetune_weights(ticket, wider_prunable, init="reinit")
-  with pytest.raises(UserError, match="unknown fine-tuning init 'rewind'"):
-    rst.finetune_weights(ticket, wider_prunable, init="rewind")
+def test_unknown_names_raise_value_errors(tiny_network):
+  _, params, _, prunable = tiny_network
+  with pytest.raises(ValueError, match="unknown attack batch_norm 'train'"):
+    rst.TrainingAttack(batch_norm="train")
+  ticket = rst.Ticket(params, params, tickets.kept_counts(params, 0.5, prunable))
+  with pytest.raises(ValueError, match="unknown fine-tuning init 'rewind'"):
+    rst.finetune_weights(ticket, prunable, init="rewind")
 
 
 @pytest.mark.parametrize("override", [
-    "attack.eps=-0.1", "attack.num_steps=0", "keep_ratios=(0.5, 1.5)", "keep_ratios=(0.0,)",
-    "eval.pgd_steps=0", "eval.step_size=-0.01", "eval.attacks=('cw',)", "epochs=0",
-    "weight_init='kaiming'", "strategy='pmap'", "keep_ratios=None", "eval.attacks=None",
-    "val_fraction=None", "val_fraction=1", "natural_baseline=None", "keep_ratios=(0.3, 0.3)",
-    "model_options.norm='group'",
-    "strategy='shard'",
-    ("dense_baseline.enabled=True", "dense_baseline.model_options.norm='bn'"),
-    ("finetune.epochs=1", "finetune.weight_init='kaiming'"),
-    ("finetune.epochs=1", "finetune.schedule='linear'")])
+    "attack.eps=-0.1", "attack.num_steps=0", "attack.batch_norm=train", "keep_ratios=(0.5,1.5)",
+    "keep_ratios=(0.0,)", "eval.pgd_steps=0", "eval.step_size=-0.01", "eval.attacks=('cw',)",
+    "epochs=0", "weight_init=kaiming", "strategy=pmap", "keep_ratios=None", "eval.attacks=None",
+    "val_fraction=None", "val_fraction=1", "natural_baseline=None", "keep_ratios=(0.3,0.3)",
+    "model_options.norm=group", "strategy=shard", "finetune.init=rewind",
+    ("dense_baseline.enabled=True", "dense_baseline.model_options.norm=bn"),
+    ("finetune.epochs=1", "finetune.weight_init=kaiming"),
+    ("finetune.epochs=1", "finetune.schedule=linear")])
 def test_cli_exits_2_on_bad_input(override, assert_cli_user_error):
   settings = (override,) if isinstance(override, str) else override
-  overrides = [arg for setting in settings for arg in ("--set", setting)]
-  assert_cli_user_error(runner.main, ["--config", "small", *overrides])
+  assert_cli_user_error(runner.main, ["--config", "experiments/configs/rst.py:small",
+                                      *[f"--config.{setting}" for setting in settings]])

@@ -7,7 +7,6 @@ import scipy.linalg
 
 from jaxtickets import similarity
 from jaxtickets.data import load_dataset
-from jaxtickets.errors import UserError
 
 METHODS = {"svcca": similarity.svcca, "pwcca": similarity.pwcca}
 
@@ -215,27 +214,17 @@ def test_a_constant_representation_has_no_similarity(gaussian, method):
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda: similarity.cca(np.ones((50, 4)), np.ones((40, 4))), "50 and 40"),
+    # With fewer datapoints than neurons, CCA would find correlations near 1 in any data.
     (lambda: similarity.svcca(np.ones((10, 4)), np.ones((10, 12))),
-     r"y has fewer datapoints \(10\)"),
-    (lambda: similarity.pwcca(np.ones((10, 4, 2)), np.ones((10, 4))), r"x must be .*\(10, 4, 2\)"),
-    (lambda: similarity.svcca(np.ones((10, 4)), np.ones((10, 4)), keep_variance=1.5), "1.5"),
-    (lambda: similarity.flatten_conv(np.ones((10, 4))), r"\(10, 4\)"),
+     r"y has shape \(10, 12\); expected f32\[datapoints, neurons\]"),
+    (lambda: similarity.pwcca(np.ones((10, 4, 2)), np.ones((10, 4))), r"x has shape \(10, 4, 2\)"),
     (lambda: similarity.flatten_conv(np.ones((3, 4, 4, 2)), max_datapoints=2), "max_datapoints=2"),
-    (lambda: similarity.subsample_spatial(np.ones((3, 4, 4, 2)), 0), "stride .* got 0"),
     (lambda: similarity.layerwise_similarity({"a": np.ones((5, 2))}, {"a": np.ones((5, 2))}, "cka"),
-     "'cka'"),
-    (lambda: similarity.layerwise_similarity({"a": np.ones((5, 2))}, {"b": np.ones((5, 2))}),
-     r"only in acts_a \['a'\]"),
+     "unknown similarity method 'cka'; known: svcca, pwcca"),
     (lambda: similarity.layerwise_similarity({"a": np.ones((2, 2, 2, 9))}, {"a": np.ones((8, 2))}),
-     r"acts_a\['a'\] has fewer datapoints \(8\) than neurons \(9\)"),
-    (lambda: similarity.pwcca(np.ones((10, 4)), np.ones((10, 4)), epsilon=-1e-3), "epsilon"),
-    # From shapes alone, with the subsampling layerwise_similarity would apply.
-    (lambda: similarity.check_layer_shapes({"a": (10, 4, 4, 8), "b": (10, 4, 4, 200)},
-                                           max_datapoints=100),
-     r"layer 'b' has fewer datapoints \(40\) than neurons \(200\)"),
+     r"acts_a\['a'\] has shape \(8, 9\)"),
 ])
-def test_bad_input_raises_one_line_user_error(call, match):
-  with pytest.raises(UserError, match=match) as error:
+def test_inputs_it_would_misread_raise_value_error(call, match):
+  with pytest.raises(ValueError, match=match) as error:
     call()
   assert "\n" not in str(error.value)

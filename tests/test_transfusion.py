@@ -1,9 +1,10 @@
-"""Transfusion's initialization arms, grayscale adaptation and convergence, and its runner.
+"""Transfusion's initialization arms, grayscale adaptation and convergence, its runner and report.
 
 The ``small`` preset (digits 0-4 -> held-out digits 5-9, CBR-Tiny of width 2) runs once for the
 module; the library tests use parameter shapes from ``jax.eval_shape`` filled with known draws.
 """
 
+import functools
 import json
 import shutil
 
@@ -12,15 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from assertions import assert_one_line_user_error
 
+from experiments import report as report_renderer
 from experiments import transfusion as runner
 from experiments.configs import transfusion as transfusion_configs
+from experiments.reports import transfusion as transfusion_report
 from jaxtickets import checkpoint, models, population, transfusion
 from jaxtickets import data as data_lib
 from jaxtickets.transfusion import Arm
 
 KEY = jax.random.key(0)
+CONFIG = "experiments/configs/transfusion.py:small"
 
 
 def variables_like(name, seed, *, image_shape=(8, 8, 1), num_classes=5, shift=0.0, **options):
@@ -44,10 +47,13 @@ def module_of(path, collection=True):
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-  """The ``small`` preset's results (with ``"runs"``), its config and its workdir."""
+  """The ``small`` preset's results (with ``"runs"``), its config and its workdir (with its
+  rendered report)."""
   config = transfusion_configs.get_config("small")
   workdir = tmp_path_factory.mktemp("transfusion") / "small"
-  return runner.train_and_evaluate(config, workdir, progress=False), config, workdir
+  results = runner.train_and_evaluate(config, workdir, progress=False)
+  report_renderer.render(workdir)
+  return results, config, workdir
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,8 +150,6 @@ def test_rgb_first_conv_summed_over_channels_equals_repeating_the_gray_channel(d
                              rtol=1e-5, atol=1e-5)
   back = transfusion.adapt_input_channels({"stem": {"kernel": adapted}}, 3)["stem"]["kernel"]
   np.testing.assert_allclose(back.sum(axis=2), adapted[:, :, 0], rtol=1e-6)
-  assert_one_line_user_error(
-      lambda: transfusion.adapt_input_channels({"stem": {"kernel": kernel}}, 2), "3 to 2")
 
 
 def test_slim_top_keeps_the_lowest_units_and_narrows_the_rest():
@@ -158,10 +162,6 @@ def test_slim_top_keeps_the_lowest_units_and_narrows_the_rest():
   np.testing.assert_array_equal(result["params"]["block1"]["conv"]["kernel"],
                                 pretrained["params"]["block1"]["conv"]["kernel"])
   assert result["params"]["block2"]["conv"]["kernel"].shape == (7, 7, 16, 8)
-  # A transfusion deeper than the slim model's unchanged units cannot fit.
-  assert_one_line_user_error(
-      lambda: transfusion.transfuse(pretrained, slim_fresh, model.block_names, 3),
-      "pretrained module 'block2'")
 
 
 def test_steps_to_threshold_and_speedup():
@@ -173,6 +173,8 @@ def test_steps_to_threshold_and_speedup():
       80 / 30)
   assert transfusion.speedup(np.array([40.0]), np.array([np.inf])) == 0.0
   assert np.isnan(transfusion.speedup(np.array([np.inf]), np.array([np.inf])))
+  with pytest.raises(ValueError, match="evaluations"):  # Fewer AUCs than steps.
+    transfusion.steps_to_threshold(steps, auc[:3], 0.8)
 
 
 def test_class_subset_relabels_in_the_given_order(digits):
@@ -182,22 +184,35 @@ def test_class_subset_relabels_in_the_given_order(digits):
       np.isin(digits.train.labels, (3, 7))])
   np.testing.assert_array_equal(subset.train.labels,
                                 (digits.train.labels[np.isin(digits.train.labels, (3, 7))] == 3))
-  assert_one_line_user_error(lambda: transfusion.class_subset(digits, (1, 1)), "classes=(1, 1)")
+  assert transfusion.class_subset(digits, None) is digits
 
 
-def test_bad_arms_and_block_counts_raise_one_line_user_errors():
+def test_initialize_population_puts_each_seeds_arms_on_its_fresh_draw():
+  model, pretrained = variables_like("cbr_tiny", 0, width=2, shift=5.0)
+  fresh = population.stack([variables_like("cbr_tiny", seed, width=2)[1] for seed in (1, 2)])
+  arms = [Arm("random"), Arm("transfer"), Arm("transfusion", 1)]
+  keys = jax.random.split(KEY)
+  members = transfusion.initialize_population(arms, keys, pretrained, fresh, model.block_names)
+  assert population.size(members) == 6  # member = arm * seeds + seed
+  for index, arm in enumerate(arms):
+    for seed in range(2):
+      chex.assert_trees_all_equal(
+          population.select(members, index * 2 + seed),
+          transfusion.initialize(arm, keys[seed], pretrained, population.select(fresh, seed),
+                                 model.block_names))
+  # Each unit's output, keyed by the unit's last module, as the similarity compares them.
+  shapes = jax.eval_shape(functools.partial(transfusion.unit_outputs, model),
+                          population.select(fresh, 0), jnp.zeros((3, 8, 8, 1)))
+  assert list(shapes) == ["block1", "block2", "block3", "stem_norm"]  # jit sorts the keys
+  assert shapes["stem_norm"].shape[0] == 3 and shapes["stem_norm"].dtype == jnp.float32
+
+
+def test_the_library_refuses_unknown_names():
   model, pretrained = variables_like("cbr_tiny", 0, width=2)
-  assert_one_line_user_error(lambda: Arm("imagenet"), "'imagenet'", "meanvar")
-  assert_one_line_user_error(lambda: Arm("transfusion"), "num_blocks=None")
-  assert_one_line_user_error(
-      lambda: transfusion.transfuse(pretrained, pretrained, model.block_names, 5),
-      "num_blocks=5", "[0, 4]")
-  assert_one_line_user_error(
-      lambda: transfusion.mean_var_init(KEY, pretrained, pretrained, norm_init="copy"), "copy")
-  _, other = variables_like("cbr_tiny", 0, width=4)
-  assert_one_line_user_error(
-      lambda: transfusion.initialize(Arm("transfer"), KEY, other, pretrained, model.block_names),
-      "pretrained module 'stem", "has shape")
+  with pytest.raises(ValueError, match="unknown arm 'imagenet'; known: random"):
+    transfusion.initialize(Arm("imagenet"), KEY, pretrained, pretrained, model.block_names)
+  with pytest.raises(ValueError, match="norm_init 'copy'"):
+    transfusion.mean_var_init(KEY, pretrained, pretrained, norm_init="copy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,8 +248,8 @@ def test_small_run_trains_every_arm_and_starts_them_as_specified(small_run):
 
 def saved_pretrained_params(workdir, config):
   """The pretrained params the run saved in ``pretrain/cbr_tiny/pretrained``."""
-  source = runner.load_task(config.source, config.source.classes)
-  source_model = runner.SourceModel(config, runner.model_specs(config)[0], source)
+  source = runner.load_task(config.source, config.source.classes, "source.classes")
+  source_model = runner.SourceModel(config, transfusion_configs.check_config(config)[0], source)
   with checkpoint.Checkpointer(workdir / "pretrain" / "cbr_tiny" / "pretrained") as saved:
     return saved.restore(source_model.template)["params"]
 
@@ -257,7 +272,8 @@ def test_similarity_and_report(small_run):
   assert "above chance" in report
   for name in ("convergence", "cca_by_layer", "conv1_filters"):
     assert (workdir / f"transfusion_{name}.png").stat().st_size > 0
-  assert json.loads((workdir / "results.json").read_text())["steps"] == results["steps"]
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved["study"] == "transfusion" and saved["steps"] == results["steps"]
 
 
 def test_cli_resumes_a_finished_run_without_training(small_run):
@@ -265,7 +281,7 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
   before = (workdir / "results.json").read_text()
   log = workdir / "target" / "cbr_tiny" / "full" / "metrics.jsonl"
   log_before = log.read_text()
-  runner.main(["--config", "small", "--workdir", str(workdir)])
+  runner.main(["--config", CONFIG, "--workdir", str(workdir)])
   assert (workdir / "results.json").read_text() == before
   assert log.read_text() == log_before
 
@@ -274,15 +290,18 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
     ("transfusion_blocks=(5,)", "num_blocks=5"),
     ("arms=('random', 'imagenet')", "imagenet"),
     ("models=('cbr_tiny', 'resnet18')", "one width"),
+    ("widths=(0,)", "widths entry=0"),
     ("seeds=0", "seeds=0"),
     ("epochs=0", "epochs=0"),
-    ("models=cbr_tiny", "models expects a value of type tuple"),
-    ("strategy='pmap'", "unknown population strategy 'pmap'"),
+    ("models=(3,)", "unknown 3, known: "),
+    ("strategy=pmap", "unknown population strategy 'pmap'"),
     ("similarity.methods=('cka',)", "similarity.methods=('cka',)"),
     ("similarity.keep_variance=0", "similarity.keep_variance=0"),
-    ("target_classes=('a', 'b')", "expected a sequence of int labels"),
+    ("target_classes=('a', 'b')", "expected a sequence of at least 2 distinct int labels"),
+    ("target_classes=(5, 5)", "target_classes=(5, 5)"),
+    ("source.classes=(0, 10)", "in [0, 10) of digits"),
     # The source is pretrained with the study's models and seed; it has no fields of its own.
-    ("source.model='resnet18'", "unknown config key 'source.model'"),
+    ("source.model=resnet18", "unknown config key 'source.model'"),
     ("source.seed=1", "unknown config key 'source.seed'"),
     ("source.epochs=0", "source.epochs=0"),
     ("models=None", "models=None"), ("arms=None", "arms=None"),
@@ -291,24 +310,38 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
     ("val_fraction=1", "val_fraction=1"),
     # Found from shapes before anything trains: the last unit's 1 x 1 map of one probe image.
     ("similarity.probe_size=1", "fewer datapoints (1) than neurons"),
-    ("strategy='shard'", "cbr_tiny full (arms x seeds): 10 members"),
+    ("similarity.max_datapoints=5", "max_datapoints=5 is below the batch size 100"),
+    ("strategy=shard", "cbr_tiny full (arms x seeds): 10 members"),
     ("arms=('random', 'transfer', 'random')", "arms=('random', 'transfer', 'random') repeats "
      "'random'; it would train identical members"),
     ("arms=('random', 1, 'x')", "unknown 1, known: "),
-    ("transfusion_blocks=(1, 1.0)", "transfusion_blocks entry=1.0"),
+    ("transfusion_blocks=(1, 1.0)", "transfusion num_blocks=1.0"),
     ("transfusion_blocks=(1, 1)", "transfusion_blocks=(1, 1) repeats 1"),
 ])
 def test_cli_exits_2_on_bad_config(override, fragment, assert_cli_user_error):
-  assert_cli_user_error(runner.main, ["--config", "small", "--set", override], fragment)
+  assert_cli_user_error(runner.main, ["--config", CONFIG, f"--config.{override}"], fragment)
 
 
 def test_cli_exits_2_on_a_target_npz_without_a_test_split(tmp_path, digits,
                                                           assert_cli_user_error):
   path = tmp_path / "target.npz"
   np.savez(path, train_images=digits.train.images[..., 0], train_labels=digits.train.labels)
-  assert_cli_user_error(runner.main, ["--config", "small", "--set", f"dataset=npz:{path}",
-                                      "--set", "target_classes=None"],
+  assert_cli_user_error(runner.main, ["--config", CONFIG, f"--config.dataset=npz:{path}",
+                                      "--config.target_classes=None"],
                         "missing array 'test_images'")
+
+
+def test_cli_exits_2_on_channels_a_first_conv_cannot_be_adapted_to(tmp_path, digits,
+                                                                  assert_cli_user_error):
+  def npz(name, channels):
+    images = np.repeat(digits.train.images, channels, axis=-1)
+    np.savez(tmp_path / name, train_images=images, train_labels=digits.train.labels,
+             test_images=images[:200], test_labels=digits.train.labels[:200])
+    return f"npz:{tmp_path / name}"
+
+  assert_cli_user_error(runner.main, [
+      "--config", CONFIG, f"--config.source.dataset={npz('rgb.npz', 3)}",
+      f"--config.dataset={npz('two.npz', 2)}"], "from 3 to 2 input channels")
 
 
 def test_a_previous_runs_pretrain_folder_is_a_checkpoint_dir(small_run):
@@ -316,8 +349,8 @@ def test_a_previous_runs_pretrain_folder_is_a_checkpoint_dir(small_run):
   config = config.copy_and_resolve_references()
   config.source.checkpoint_dir = str(workdir / "pretrain")
   settings = config.source
-  source = runner.load_task(settings, settings.classes)
-  (spec,) = runner.check_config(config)
+  source = runner.load_task(settings, settings.classes, "source.classes")
+  (spec,) = transfusion_configs.check_config(config)
   given, step = runner.SourceModel(config, spec, source).restore_given()
   with checkpoint.Checkpointer(workdir / "pretrain" / spec.name / "pretrained") as kept:
     assert step == kept.latest_step()
@@ -330,8 +363,8 @@ def test_cli_exits_2_on_a_pretrained_checkpoint_of_another_architecture(
   given = tmp_path / "pretrained"
   shutil.copytree(workdir / "pretrain" / "cbr_tiny" / "pretrained", given / "cbr_small")
   assert_cli_user_error(runner.main, [
-      "--config", "small", "--set", "models=('cbr_small',)", "--set", "model=cbr_small",
-      "--set", f"source.checkpoint_dir={given}"], "is not a cbr_small")
+      "--config", CONFIG, "--config.models=('cbr_small',)", "--config.model=cbr_small",
+      f"--config.source.checkpoint_dir={given}"], "is not a cbr_small")
 
 
 @pytest.mark.parametrize("large_similarity, verdict", [
@@ -350,7 +383,7 @@ def test_findings_judge_whether_larger_models_change_less(large_similarity, verd
   results = {"models": {name: info for name, (info, _) in models.items()},
              "similarity": {name: curves for name, (_, curves) in models.items()},
              "convergence_fraction": 0.9, "eval_every_steps": 10}
-  line = runner.findings(results).splitlines()[-1]
+  line = transfusion_report.findings(results).splitlines()[-1]
   assert line.startswith("- **Do larger models change less?**")
   assert line.index("small (50,000 params) 0.400") < line.index("large (2,000,000 params)")
   assert line.endswith(f": {verdict}.")

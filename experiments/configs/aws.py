@@ -1,29 +1,12 @@
 """Configs for A Winning Sign (``experiments/aws.py``).
 
-Presets:
+    python -m experiments.aws --config experiments/configs/aws.py:cifar100_resnet50 \
+        --workdir runs/aws
 
-- ``cifar100_resnet50``: the paper's protocol (official code): CIFAR ResNet-50 (3x3 stem, no
-  max-pool; torchvision's init: convs kaiming-normal by fan-out, the swapped-in stem PyTorch's
-  default); LRR and AWS pruning with SGD lr 0.1 (constant), momentum 0.9, coupled weight decay
-  5e-4 on all params, batch 128, crop + flip, inputs normalized with the reference's CIFAR
-  statistics (``normalization="cifar10_common"``, for CIFAR-100 too); a 10-epoch dense warm-up,
-  then 15 rounds that each remove 20% of the surviving weights and train 10 epochs at the new
-  mask (round k's trained network, density 0.8^k, is its ticket, as the released train.py
-  saves ``checkpoint_iter{k}``); every ticket transferred (sign, mask, retrain) and the dense
-  baseline trained 100 epochs with lr x0.1 at 50 and 75, seeds 2 and 3 (the reference's
-  ``ft_seed``s).
-- ``cifar100_mobilenetv2``: the same with MobileNetV2 (CIFAR strides) and lr 0.05.
-- ``cifar10_resnet20``: the same protocol on CIFAR-10 with ResNet-20, for quicker runs.
-- ``digits``: the demo's CPU run (30 s on 2 cores, compilation included): a ConvNet-3 of width
-  16 with BatchNorm on the 8x8 digits; warm-up 4 epochs, 4 rounds that each remove half of the
-  survivors and train 2 epochs (density 0.5^k), transfers from densities 0.25 and 0.0625
-  trained 8 epochs, one seed.
-- ``cifar10_subset``: the digits protocol on a stratified 10% of CIFAR-10's training split
-  (5,000 images, crop + flip) and 20% of its test split, 6 transfer epochs: the CPU run of the
-  findings (``--set dataset=npz:PATH`` reads the shared JPEG-packed copy).
-- ``small``: the tests' run (well under a minute): width 8, 2 rounds of 1 epoch, two seeds.
+Presets are the keys of ``PRESETS``; override a field with ``--config.FIELD=VALUE``, e.g.
+``--config.dataset=npz:PATH`` to read a JPEG-packed CIFAR copy.
 
-Deviations from the reference, all documented where they live:
+Deviations from the reference code:
 
 - Pruned weights are re-zeroed after every optimizer step (the reference masks them in the
   forward pass and lets weight decay move the unused values); both train the same network.
@@ -39,9 +22,17 @@ Deviations from the reference, all documented where they live:
   schedules and prune half of the survivors per round instead of 20% (see the preset functions).
 """
 
-import ml_collections
+import math
+import numbers
+from typing import Any
 
+import ml_collections
+import numpy as np
+
+from experiments import checks
 from experiments.configs import common
+from jaxtickets import aws
+from jaxtickets.errors import UserError
 
 _PAPER_ROUNDS = 15
 
@@ -82,7 +73,8 @@ def _base() -> ml_collections.ConfigDict:
   c.transfer.densities = tuple(0.8**k for k in range(1, _PAPER_ROUNDS + 1))
   c.transfer.variants = ("sign", "mask", "retrain")
   c.transfer.dense = True  # Also train the fresh dense network (one per seed).
-  c.transfer.seeds = (2, 3)  # Fresh initializations (and data orders), one member each.
+  # Fresh initializations (and data orders), one member each: the reference's ft_seeds.
+  c.transfer.seeds = (2, 3)
   c.transfer.population_size = 16  # Members per population; None: the whole sweep at once.
 
   c.lmc = ml_collections.ConfigDict()
@@ -143,6 +135,7 @@ def _digits() -> ml_collections.ConfigDict:
 
 
 def _cifar10_subset() -> ml_collections.ConfigDict:
+  """The digits protocol on stratified shares of CIFAR-10 (CPU-sized runs on real data)."""
   c = _digits()
   c.dataset = "cifar10"
   c.normalization = "cifar10_common"
@@ -156,6 +149,7 @@ def _cifar10_subset() -> ml_collections.ConfigDict:
 
 
 def _small() -> ml_collections.ConfigDict:
+  """The tests' run."""
   c = _digits()
   c.model_options.width = 8
   c.epochs = 3
@@ -176,3 +170,64 @@ PRESETS = {"cifar100_resnet50": _base, "cifar100_mobilenetv2": _cifar100_mobilen
 
 def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   return common.select(PRESETS, preset)
+
+
+def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """Raises UserError for bad settings before anything is loaded; returns the pruning rounds
+  whose tickets are transferred (one per ``transfer.densities`` entry)."""
+  checks.check_training(config)
+  checks.check_names("methods", config.methods, aws.METHODS, repeat="each runs once")
+  checks.check_population_options(config)
+  pruning = config.pruning
+  rounds, fraction = pruning.rounds, pruning.fraction
+  if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or rounds < 1:
+    raise UserError(f"pruning rounds must be an int >= 1, got {rounds!r}")
+  if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
+    raise UserError(f"pruning fraction must be a number in (0, 1), got {fraction!r}")
+  if pruning.rewind not in aws.REWINDS:
+    raise UserError(f"unknown pruning.rewind {pruning.rewind!r}; known: {', '.join(aws.REWINDS)}")
+  checks.check_int("pruning.warmup_epochs", pruning.warmup_epochs, minimum=0)
+  checks.check_int("pruning.epochs_per_round", pruning.epochs_per_round)
+  checks.check_number("pruning.learning_rate", pruning.learning_rate, 0, strict=True)
+  checks.check_int("eval_every_epochs", config.eval_every_epochs)
+  transfer = config.transfer
+  checks.check_names("transfer.variants", transfer.variants, aws.TRAINED_TRANSFERS,
+                     repeat="each runs once")
+  checks.check_sequence("transfer.seeds", transfer.seeds)
+  for seed in transfer.seeds:
+    checks.check_seed("transfer.seeds entry", seed)
+  checks.check_distinct("transfer.seeds", transfer.seeds, "each seed is one member")
+  if transfer.population_size is not None:
+    checks.check_int("transfer.population_size", transfer.population_size)
+  checks.check_int("lmc.num_points", config.lmc.num_points, minimum=2)
+  checks.check_int("lmc.batch_size", config.lmc.batch_size)
+  transfer_rounds = rounds_for_densities(transfer.densities, rounds, fraction)
+  # As the runner's transfer_members lists them.
+  num_members = len(transfer.seeds) * (bool(transfer.dense) + len(config.methods)
+                                       * len(transfer_rounds) * len(transfer.variants))
+  group = min(transfer.population_size or num_members, num_members)
+  checks.check_population_sizes(config, {
+      "the pruning population (methods)": len(config.methods), "a transfer group": group,
+      "the last transfer group": num_members % group or group,
+      "the error curve (lmc.num_points)": config.lmc.num_points})
+  return transfer_rounds
+
+
+def rounds_for_densities(densities: Any, rounds: int, fraction: float) -> tuple[int, ...]:
+  """Per wanted density, the round k in [1, rounds] whose ``(1 - fraction) ** k`` is nearest."""
+  if np.ndim(densities) != 1 or not len(densities):
+    raise UserError(f"densities={densities!r}; expected a non-empty sequence in (0, 1]")
+  chosen = []
+  for density in densities:
+    if isinstance(density, bool) or not isinstance(density, numbers.Real) or not (
+        0 < density <= 1):
+      raise UserError(f"density must be in (0, 1], got {density!r}")
+    k = round(math.log(density) / math.log(1 - fraction))
+    if not 1 <= k <= rounds:
+      raise UserError(f"density {density!r} is nearest round {k} of a schedule of rounds "
+                      f"1..{rounds} (densities {(1 - fraction):.3g}..{(1 - fraction)**rounds:.3g})")
+    if k in chosen:
+      raise UserError(f"densities {densities[chosen.index(k)]!r} and {density!r} are both "
+                      f"nearest round {k}; each would train the same ticket twice")
+    chosen.append(k)
+  return tuple(chosen)

@@ -27,7 +27,7 @@ def training(**values) -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.dataset = "digits"
-  # For tfds datasets; None: $TFDS_DATA_DIR. Typed, so that --set keeps a numeric name a string.
+  # For tfds datasets; None: $TFDS_DATA_DIR. Typed str, so --config.data_dir=2024 stays text.
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.image_size = None  # Resize every split to this (digits: 8, 16 or 32); None: as stored.
   # "dataset" (its own statistics), "cifar10" or "cifar10_common" (jaxtickets.data.NORMALIZATIONS).

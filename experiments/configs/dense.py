@@ -1,11 +1,15 @@
-"""Configs for dense training (the baseline every study compares against).
+"""Configs for dense training (the baseline every study compares against):
 
-Presets: ``digits_convnet3`` (the demo's run), ``small`` (seconds; the tests' run),
+    python -m experiments.dense --config experiments/configs/dense.py:cifar10_resnet18 \
+        --workdir runs/r18 --config.data_dir=$HOME/tensorflow_datasets
+
+Presets: ``digits_convnet3`` (the demo's run; the default), ``small`` (the tests' run),
 ``cifar10_resnet18`` (the RST paper's dense recipe without adversarial training).
 """
 
 import ml_collections
 
+from experiments import checks
 from experiments.configs import common
 
 
@@ -42,3 +46,8 @@ PRESETS = {"digits_convnet3": _base, "small": _small, "cifar10_resnet18": _cifar
 
 def get_config(preset: str = "digits_convnet3") -> ml_collections.ConfigDict:
   return common.select(PRESETS, preset)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for bad settings before anything is loaded."""
+  checks.check_training(config)

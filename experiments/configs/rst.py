@@ -1,30 +1,46 @@
-"""Configs for Robust Scratch Tickets and the Random RST Switch (``experiments/rst.py``).
+"""Configs of Robust Scratch Tickets + the Random RST Switch (``experiments/rst.py``).
 
-Presets:
+  python -m experiments.rst --config experiments/configs/rst.py:cifar10_resnet18 --workdir runs/rst
 
-- ``cifar10_resnet18``, ``cifar100_resnet18``, ``cifar10_wrn34_10``, ``cifar10_vgg16``: the
-  paper's protocol (official code): PGD-7 search, eps 8/255, step 2/255, SGD 0.1 / 0.9 / 5e-4 on
-  the scores, batch 256, 160 epochs with lr x0.1 at 80 and 120, crop + flip, signed Kaiming
-  constant weights. The checkpoint is selected by PGD-20 on a 10% validation split carved out of
-  the training set, validated every epoch (the reference selects on the test set every 3
-  epochs); the search therefore sees 45,000 images, 175 steps per epoch (the remainder dropped)
-  where the reference takes 196, and the lr milestones fall at the same epochs. R2S's candidate
-  ratios are not in the released code; (0.05, 0.07, 0.1, 0.15) is a choice around the paper's
-  best ResNet-18 ratios.
-- ``digits``: the demo's CPU run (88 s on 2 cores, compilation included): three tickets of a
-  ConvNet-3 of width 32 on the 8x8 digits, 10 epochs, with the natural-search and dense
-  adversarial baselines; PGD-20, CW-20 and APGD-CE (30 steps) columns, validation every 2 epochs.
-- ``small``: the tests' run (under a minute): two tickets of width 24, 5 epochs (fewer do not
-  reliably separate adversarial from natural search), PGD-20 and APGD-CE columns, no dense
-  baseline, one epoch of fine-tuning the selected tickets.
+Other presets: ``cifar100_resnet18``, ``cifar10_wrn34_10``, ``cifar10_vgg16``, ``digits`` (the
+demo's) and ``small`` (the tests'); override any field, e.g. ``--config.keep_ratios=(0.05,0.1)``.
 
-The digits presets attack with eps 0.1 (about 26/255): the digits are blurry and smooth, and at
-8/255 a naturally searched ticket is already robust, so there would be nothing to compare.
+The paper presets follow the official code (PGD-7 search, eps 8/255, step 2/255, SGD 0.1 / 0.9 /
+5e-4 on the scores, batch 256, 160 epochs with lr x0.1 at 80 and 120, crop + flip, signed Kaiming
+constant weights). Deviations from it:
+
+- The checkpoint is selected by PGD-20 on a 10% validation split carved out of the training set,
+  validated every epoch (the reference selects on the test set every 3 epochs); the search
+  therefore sees 45,000 images, 175 steps per epoch (the remainder dropped) where the reference
+  takes 196, and the lr milestones fall at the same epochs.
+- R2S's candidate ratios are not in the released code; (0.05, 0.07, 0.1, 0.15) is a choice around
+  the paper's best ResNet-18 ratios.
+- The dense baseline is a standard dense net (affine BatchNorm, classifier bias, PyTorch init);
+  the reference's ``train_full.py`` instead trains the ticket network itself at keep ratio 1.
+- Fine-tuning the selected tickets is off by default (``finetune.epochs = 0``; the reference
+  fine-tunes for 160 epochs).
+- ``digits`` (three tickets of a ConvNet-3 of width 32 on the 8x8 digits, 10 epochs, natural and
+  dense baselines, PGD-20, CW-20 and APGD-CE columns) and ``small`` (two tickets of width 24, 5
+  epochs, PGD-20 and APGD-CE, no dense baseline, one epoch of fine-tuning) attack with eps 0.1
+  (about 26/255): the digits are blurry and smooth, and at 8/255 a naturally searched ticket is
+  already robust, so there would be nothing to compare.
 """
 
-import ml_collections
+import functools
+import numbers
+from collections.abc import Sequence
+from typing import Any
 
+import ml_collections
+import numpy as np
+
+from experiments import build, checks
 from experiments.configs import common
+from jaxtickets import rst
+from jaxtickets.errors import UserError
+from jaxtickets.models.init import INITIALIZER_NAMES
+
+EVAL_ATTACKS = ("pgd", "cw", "apgd_ce", "apgd_dlr")  # apgd_dlr only runs with >= 3 classes.
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -144,3 +160,50 @@ PRESETS = {"cifar10_resnet18": _base, "cifar100_resnet18": _cifar100_resnet18,
 
 def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   return common.select(PRESETS, preset)
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_name(name: str, value: Any, known: Sequence[str]) -> None:
+  if value not in known:
+    raise UserError(f"unknown {name} {value!r}; known: {', '.join(known)}")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError for a bad setting of any stage before anything is loaded or trained."""
+  checks.check_training(config)
+  for prefix, settings in (("attack.", config.attack), ("eval.", config.eval)):
+    checks.check_number(f"{prefix}eps", settings.eps, 0)
+    checks.check_number(f"{prefix}step_size", settings.step_size, 0, strict=True)
+  checks.check_int("attack.num_steps", config.attack.num_steps)
+  _check_name("attack batch_norm", config.attack.batch_norm, rst.ATTACK_BATCH_NORM)
+  for name in ("pgd_steps", "apgd_steps", "eot_samples", "every_epochs", "batch_size"):
+    checks.check_int(f"eval.{name}", config.eval[name])
+  for name in ("natural_baseline", "dense_baseline.enabled", "attack.random_start",
+               "eval.per_example_switch"):
+    value = functools.reduce(getattr, name.split("."), config)
+    if not isinstance(value, bool):
+      raise UserError(f"{name}={value!r}; expected True or False")
+  ratios = config.keep_ratios
+  if (np.ndim(ratios) != 1 or not len(ratios)
+      or not all(_is_number(ratio) and 0 < ratio <= 1 for ratio in ratios)):
+    raise UserError(f"keep_ratios={ratios!r}; expected a non-empty sequence in (0, 1]")
+  checks.check_distinct("keep_ratios", [float(r) for r in ratios], "its tickets would be identical")
+  if not (_is_number(config.val_fraction) and 0 < config.val_fraction < 1):
+    raise UserError(f"val_fraction={config.val_fraction!r}; expected a number in (0, 1)")
+  checks.check_population_options(config)
+  checks.check_population_sizes(config, {"the tickets (keep_ratios)": len(ratios)})
+  _check_name("initializer", config.weight_init, INITIALIZER_NAMES)
+  checks.check_sequence("eval.attacks", config.eval.attacks)
+  if not set(config.eval.attacks) <= set(EVAL_ATTACKS) or "pgd" not in config.eval.attacks:
+    raise UserError(f"eval.attacks={tuple(config.eval.attacks)!r}; expected names among "
+                    f"{', '.join(EVAL_ATTACKS)}, including 'pgd' (the selection metric)")
+  _check_name("finetune.init", config.finetune.init, rst.FINETUNE_INITS)
+  checks.check_optimizer(config.finetune, "finetune.", min_epochs=0)
+  if config.finetune.epochs > 0:
+    _check_name("initializer", config.finetune.weight_init, INITIALIZER_NAMES)
+  if config.dense_baseline.enabled:
+    # Which options a model takes does not depend on its number of classes.
+    build.model(config, 1, **config.dense_baseline.model_options.to_dict())

@@ -1,25 +1,10 @@
 """Configs for Transfusion (``experiments/transfusion.py``): transfer learning vs random init.
 
-A source model per architecture is pretrained by the runner (CIFAR-10 from the shared
-``cifar10_jpeg.npz`` when it is there, else the digits), then every initialization arm trains on
-the target, seeds as one population, on the full training split and on a reduced one.
+    python -m experiments.transfusion --config experiments/configs/transfusion.py:breastmnist \\
+        --workdir runs/transfusion
 
-Presets:
-
-- ``breastmnist``, ``pneumoniamnist``: the study at the paper's model sizes (CBR-Small, CBR-Tiny,
-  ResNet-50; for an accelerator): BreastMNIST / PneumoniaMNIST from the shared ``medmnist``
-  folder (or any official MedMNIST ``.npz`` via ``--set dataset=npz:PATH``), 3 seeds, the
-  transfusion sweep k = 1..3, a slim top and Gabor filters on CBR-Small.
-- ``breastmnist_cpu``: the measurement behind the report's findings, sized for 2 CPU cores
-  (about 11 minutes): CBR-Small and CBR-Tiny at width 4 (33k and 17k parameters) vs ResNet-18 at
-  width 8 (175k parameters, 5-10x more), pretrained on CIFAR-10 at 16x16 for 2 epochs,
-  BreastMNIST for 10 epochs (170 steps of 32), 2 seeds, Mean-Var on every model, no sweep.
-- ``digits``: the demo (under 2 minutes on 2 free cores): source digits 0-4 (16x16),
-  target BreastMNIST downsized to 16x16 when the shared data is present, else the held-out
-  digits 5-9 (5-way, so its AUC is one-vs-rest); CBR-Tiny at width 4 with every arm, ResNet-18
-  at width 4 with the main arms; 5 epochs; SVCCA only.
-- ``small``: the tests' (offline, well under a minute): digits 0-4 -> digits 5-9 at 8x8,
-  CBR-Tiny at width 2 with every arm, 2 seeds.
+Presets are the keys of ``PRESETS`` (each described in its docstring);
+``--config.dataset=npz:PATH`` reads any official MedMNIST ``.npz`` as the target.
 
 Deviations from the paper (Raghu et al. 2019):
 
@@ -42,10 +27,21 @@ Deviations from the paper (Raghu et al. 2019):
   only.
 """
 
+import dataclasses
+import numbers
+from typing import Any
+
 import ml_collections
 
+from experiments import build, checks
 from experiments.configs import common
 from jaxtickets import data as data_lib
+from jaxtickets import models, similarity, transfusion
+from jaxtickets.errors import UserError
+
+REGIMES = ("full", "reduced")
+MAIN_ARMS = ("random", "transfer", "meanvar", "gabor")
+SWEEP_ARMS = ("transfusion", "slim", "gabor")
 
 _DIGITS_SOURCE_CLASSES = (0, 1, 2, 3, 4)
 _DIGITS_TARGET_CLASSES = (5, 6, 7, 8, 9)
@@ -68,7 +64,7 @@ def _source(digits: bool = False) -> ml_collections.ConfigDict:
                         learning_rate=0.05, schedule="cosine")
     s.classes = _DIGITS_SOURCE_CLASSES
   # The models, their options and dtype, and the seed are the study's (``models``, ``seed``):
-  # fields here that nothing read would let ``--set source.model=...`` pass and do nothing.
+  # fields here that nothing read would let ``--config.source.model=...`` pass and do nothing.
   for name in ("model", "model_options", "dtype", "seed"):
     del s[name]
   s.train_fraction = 1.0  # Stratified share of the source training split used to pretrain.
@@ -80,7 +76,10 @@ def _source(digits: bool = False) -> ml_collections.ConfigDict:
 
 
 def _base() -> ml_collections.ConfigDict:
-  """BreastMNIST with the paper's model sizes."""
+  """BreastMNIST at the paper's model sizes (CBR-Small, CBR-Tiny, ResNet-50; for an
+  accelerator), 3 seeds, the transfusion sweep k = 1..3, a slim top and Gabor filters on
+  CBR-Small. The source is CIFAR-10 from the shared ``cifar10_jpeg.npz`` when it is there,
+  else the digits."""
   c = common.training(dataset=medmnist("breastmnist"), model="cbr_small", batch_size=32,
                       epochs=30, learning_rate=0.01, schedule="constant")
   c.models = ("cbr_small", "cbr_tiny", "resnet50")
@@ -111,6 +110,7 @@ def _base() -> ml_collections.ConfigDict:
 
 
 def _pneumoniamnist() -> ml_collections.ConfigDict:
+  """The ``breastmnist`` study on PneumoniaMNIST (the shared reduced copy)."""
   c = _base()
   c.dataset = medmnist("pneumoniamnist_reduced")
   c.epochs = 10
@@ -119,6 +119,10 @@ def _pneumoniamnist() -> ml_collections.ConfigDict:
 
 
 def _breastmnist_cpu() -> ml_collections.ConfigDict:
+  """The measurement behind the report's findings, sized for CPUs: CBR-Small and CBR-Tiny at
+  width 4 (33k and 17k parameters) vs ResNet-18 at width 8 (175k parameters), pretrained on
+  CIFAR-10 at 16x16 for 2 epochs, BreastMNIST for 10 epochs, 2 seeds, Mean-Var on every model,
+  no sweep."""
   c = _base()
   c.models = ("cbr_small", "cbr_tiny", "resnet18")
   c.widths = (4, 4, 8)
@@ -133,6 +137,9 @@ def _breastmnist_cpu() -> ml_collections.ConfigDict:
 
 
 def _digits() -> ml_collections.ConfigDict:
+  """The demo: source digits 0-4 (16x16); target BreastMNIST downsized to 16x16 when the shared
+  data is present, else the held-out digits 5-9 (5-way, so its AUC is one-vs-rest); CBR-Tiny at
+  width 4 with every arm, ResNet-18 at width 4 with the main arms; 5 epochs; SVCCA only."""
   c = _base()
   c.model = "cbr_tiny"
   c.models = ("cbr_tiny", "resnet18")
@@ -152,6 +159,8 @@ def _digits() -> ml_collections.ConfigDict:
 
 
 def _small() -> ml_collections.ConfigDict:
+  """The tests' (offline): digits 0-4 -> digits 5-9 at 8x8, CBR-Tiny at width 2 with every
+  arm, 2 seeds."""
   c = _digits()
   c.dataset = "digits"
   c.image_size = 8
@@ -174,3 +183,114 @@ PRESETS = {"breastmnist": _base, "pneumoniamnist": _pneumoniamnist,
 
 def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   return common.select(PRESETS, preset)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """One architecture of the study: registry name and options (width, dtype, ...)."""
+  name: str
+  options: dict[str, Any]
+
+  def build(self, num_classes: int, **overrides: Any):
+    return models.get_model(self.name, num_classes=num_classes, **{**self.options, **overrides})
+
+  @property
+  def block_names(self) -> tuple[str, ...]:
+    return tuple(self.build(2).block_names)
+
+
+def arms_of(config: ml_collections.ConfigDict, spec: ModelSpec,
+            regime: str) -> list[transfusion.Arm]:
+  """One population's arms: the main arms, plus the sweep on ``config.model`` (full only; the
+  slim arm trains apart, see :func:`slim_arm`)."""
+  arms = [transfusion.Arm(kind) for kind in config.arms]
+  if spec.name == config.model and regime == "full":
+    if "transfusion" in config.sweep_arms:
+      arms += [transfusion.Arm("transfusion", k) for k in config.transfusion_blocks]
+    if "gabor" in config.sweep_arms and "gabor" not in config.arms:
+      arms.append(transfusion.Arm("gabor"))
+  return arms
+
+
+def slim_arm(config: ml_collections.ConfigDict, spec: ModelSpec,
+             regime: str) -> transfusion.Arm | None:
+  if spec.name == config.model and regime == "full" and "slim" in config.sweep_arms:
+    return transfusion.Arm("slim", config.slim_blocks)
+  return None
+
+
+def _check_blocks(arm: str, num_blocks: Any, spec: ModelSpec, minimum: int) -> None:
+  units = len(transfusion.transfer_units(spec.block_names))
+  if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral) or \
+      not minimum <= num_blocks <= units:
+    raise UserError(f"{arm} num_blocks={num_blocks!r}; expected an int in [{minimum}, {units}] "
+                    f"(the network has {units} units below the head)")
+
+
+def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
+  """Raises UserError for a bad field before anything is loaded; returns the model specs."""
+  checks.check_training(config)
+  checks.check_training(config.source, "source.")
+  for name, value in (("source.eval_size", config.source.eval_size), ("seeds", config.seeds),
+                      ("eval_every_steps", config.eval_every_steps),
+                      ("similarity.probe_size", config.similarity.probe_size)):
+    checks.check_int(name, value)
+  for name, value in (("source.train_fraction", config.source.train_fraction),
+                      ("convergence_fraction", config.convergence_fraction),
+                      ("similarity.keep_variance", config.similarity.keep_variance)):
+    checks.check_number(name, value, 0, 1, strict=True)
+  data_lib.check_val_fraction("val_fraction", config.val_fraction)
+  checks.check_names("models", config.models, models.list_models(),
+                     repeat="each model trains once")
+  checks.check_sequence("widths", config.widths)
+  if len(config.models) != len(config.widths):
+    raise UserError(f"models={tuple(config.models)!r} and widths={tuple(config.widths)!r}; "
+                    "expected one width (or None) per model")
+  specs = []
+  for name, width in zip(config.models, config.widths):
+    if width is not None:
+      checks.check_int("widths entry", width)
+    specs.append(ModelSpec(name, build.model_options(
+        config, **({} if width is None else {"width": width}))))
+    specs[-1].build(2)  # Unknown options fail here, before any data is loaded.
+  for field, allowed in (("arms", MAIN_ARMS), ("sweep_arms", SWEEP_ARMS)):
+    checks.check_names(field, config[field], allowed, repeat="it would train identical members",
+                       nonempty=field == "arms")
+  if config.sweep_arms and config.model not in config.models:
+    raise UserError(f"model={config.model!r} (the sweep model) is not among models="
+                    f"{tuple(config.models)!r}")
+  if "transfusion" in config.sweep_arms:
+    checks.check_sequence("transfusion_blocks", config.transfusion_blocks)
+    for num_blocks in config.transfusion_blocks:
+      _check_blocks("transfusion", num_blocks, specs[config.models.index(config.model)], 0)
+    checks.check_distinct("transfusion_blocks", config.transfusion_blocks,
+                          "it would train identical members")
+  if "slim" in config.sweep_arms:
+    _check_blocks("slim", config.slim_blocks, specs[config.models.index(config.model)], 1)
+    checks.check_number("slim_factor", config.slim_factor, 1)
+  if "random" not in config.arms:
+    raise UserError(f"arms={tuple(config.arms)!r}; 'random' is the baseline and must be one")
+  if config.meanvar_norm_init not in transfusion.NORM_INITS:
+    raise UserError(f"unknown meanvar_norm_init {config.meanvar_norm_init!r}; known: "
+                    f"{', '.join(transfusion.NORM_INITS)}")
+  checks.check_population_options(config)
+  if config.reduced_fraction is not None:
+    checks.check_number("reduced_fraction", config.reduced_fraction, 0, 1, strict=True)
+    if config.reduced_fraction == 1:
+      raise UserError("reduced_fraction=1 is the full regime; expected a value in (0, 1) or None")
+  sizes = {}  # Of the populations that run.
+  for spec in specs:
+    for regime in REGIMES[:1 if config.reduced_fraction is None else 2]:
+      sizes[f"{spec.name} {regime} (arms x seeds)"] = len(arms_of(config, spec, regime)) * \
+          config.seeds
+      if slim_arm(config, spec, regime) is not None:
+        sizes[f"{spec.name} {regime} slim (seeds)"] = config.seeds
+  checks.check_population_sizes(config, sizes)
+  settings = config.similarity
+  if (isinstance(settings.methods, str) or not settings.methods
+      or set(settings.methods) - set(similarity.METHODS)):
+    raise UserError(f"similarity.methods={settings.methods!r}; expected one or more of "
+                    f"{', '.join(similarity.METHODS)} (the figure and findings use the first)")
+  if settings.max_datapoints is not None:
+    checks.check_int("similarity.max_datapoints", settings.max_datapoints)
+  return specs

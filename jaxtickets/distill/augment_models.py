@@ -26,7 +26,6 @@ import optax
 
 from jaxtickets import population
 from jaxtickets import train as train_lib
-from jaxtickets.errors import UserError
 
 PyTree = Any
 
@@ -62,17 +61,6 @@ def filter_normalized_direction(key: jax.Array, params: PyTree) -> PyTree:
   return jax.tree.unflatten(treedef, directions)
 
 
-def check_magnitude(magnitude: Sequence[float]) -> tuple[float, float]:
-  """Raises UserError unless ``magnitude`` is ``(low, high)`` with 0 <= low <= high."""
-  try:
-    low, high = (float(value) for value in magnitude)
-  except (TypeError, ValueError):
-    raise UserError(f"perturbation magnitude {magnitude!r}; expected (low, high)") from None
-  if not 0 <= low <= high:
-    raise UserError(f"perturbation magnitude {magnitude!r}; expected 0 <= low <= high")
-  return low, high
-
-
 def perturb(key: jax.Array, params: PyTree, *,
             magnitude: Sequence[float] = DEFAULT_MAGNITUDE) -> PyTree:
   """``w + a * dx + b * dy``: Acc-DD's perturbation of a network (see module docstring).
@@ -80,12 +68,13 @@ def perturb(key: jax.Array, params: PyTree, *,
   Args:
     key: PRNG key.
     params: the network's params.
-    magnitude: (low, high) of ``|a|`` and ``|b|``, drawn uniformly with a random sign.
+    magnitude: (low, high) of ``|a|`` and ``|b|``, 0 <= low <= high, drawn uniformly with a
+      random sign.
 
   Returns:
     Perturbed params; biases and norm params are unchanged. Jittable and vmappable.
   """
-  low, high = check_magnitude(magnitude)
+  low, high = magnitude
   x_key, y_key, coefficient_key, sign_key = jax.random.split(key, 4)
   coefficients = jax.random.uniform(coefficient_key, (2,), minval=low, maxval=high)
   coefficients = coefficients * jax.random.rademacher(sign_key, (2,), jnp.float32)

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from jaxtickets import data as data_lib
-from jaxtickets import errors, loop, population
+from jaxtickets import loop, population
 from jaxtickets import train as train_lib
 from jaxtickets.distill import augment_models, dsa
 
@@ -33,18 +33,18 @@ class Protocol:
   """How a training set is evaluated (defaults: the reference's CIFAR protocol).
 
   Attributes:
-    num_nets: N nets trained from different inits (one population).
-    epochs: passes over the set.
-    batch_size: examples per step (capped at the set size).
-    learning_rate: initial SGD rate.
-    momentum: SGD momentum.
-    weight_decay: coupled weight decay.
-    milestones: fractions of the epochs where the rate is multiplied by ``gamma``.
-    gamma: the decay factor.
-    strategy: per-sample DSA ops.
+    num_nets: N >= 1 nets trained from different inits (one population).
+    epochs: passes over the set (>= 1).
+    batch_size: examples per step (>= 1; capped at the set size).
+    learning_rate: initial SGD rate (> 0).
+    momentum: SGD momentum in [0, 1].
+    weight_decay: coupled weight decay (>= 0).
+    milestones: fractions in [0, 1] of the epochs where the rate is multiplied by ``gamma``.
+    gamma: the decay factor (> 0).
+    strategy: per-sample DSA ops (``dsa.Strategy.parse``'s strings).
     composition: DSA composition ("idc").
-    mix_probability: CutMix probability (0: none).
-    checkpoint_every: epochs between checkpoints of a run with a workdir.
+    mix_probability: CutMix probability in [0, 1] (0: none).
+    checkpoint_every: epochs (>= 1) between checkpoints of a run with a workdir.
   """
   num_nets: int = 5
   epochs: int = 1000
@@ -58,19 +58,6 @@ class Protocol:
   composition: str = "idc"
   mix_probability: float = 0.5
   checkpoint_every: int = 100
-
-  def __post_init__(self):
-    for field in ("num_nets", "epochs", "batch_size", "checkpoint_every"):
-      errors.check_int(f"evaluation {field}", getattr(self, field))
-    errors.check_number("evaluation learning_rate", self.learning_rate, 0, strict=True)
-    errors.check_number("evaluation weight_decay", self.weight_decay, 0)
-    for field in ("momentum", "mix_probability"):
-      errors.check_number(f"evaluation {field}", getattr(self, field), 0, 1)
-    errors.check_sequence("evaluation milestones", self.milestones, nonempty=False)
-    for fraction in self.milestones:
-      errors.check_number("evaluation milestone", fraction, 0, 1)
-    errors.check_number("evaluation gamma", self.gamma, 0, strict=True)
-    self.dsa_strategy()
 
   def dsa_strategy(self) -> dsa.Strategy:
     """The evaluation nets' per-sample DSA ops."""

@@ -1,9 +1,8 @@
 """The distillation methods (DC, DSA, DM, IDC, Acc-DD) as one parameterized algorithm.
 
 Every method is a :class:`Method` record read off its official code (:func:`get_method`); one
-compiled step, :func:`make_distill_step`, runs any of them. The step is ONE inner iteration, so
-``loop.fit`` drives a distillation like any training run (resume, checkpoints every few outer
-iterations, progress bar). Per inner iteration:
+step, :func:`make_distill_step`, runs any of them, ONE inner iteration per call, so ``loop.fit``
+drives a distillation like any training run. Per inner iteration:
 
 1. At the start of an outer iteration (every ``inner_iterations`` steps) the M matching nets are
    replaced: fresh random inits (DC, DSA, DM, IDC) or, for Acc-DD, M nets drawn uniformly from the
@@ -15,31 +14,22 @@ iterations, progress bar). Per inner iteration:
    class's decoded synthetic images (at most ``synthetic_max``) get ONE DSA draw (Siamese), and
    the class objective is evaluated for all M x K pairs in one program; the loss averaged
    over the M nets updates the stored images: one SGD-with-momentum step on its sum over the
-   classes (DC, DSA, DM), or IDC's K sequential per-class steps, reproduced exactly in one
-   program (:mod:`image_sgd`).
+   classes (DC, DSA, DM), or IDC's K sequential per-class steps in one program (:mod:`image_sgd`).
 3. The nets train (as one population): ``net_steps`` SGD steps on the real data with
    per-sample DSA and CutMix (IDC, Acc-DD), ``net_steps`` epochs on the current synthetic set
-   (DC, DSA: plain SGD, each epoch ``ceil(size / net_batch)`` batches), or not at all (DM).
-   The synthetic set is read as 8-bit images, like any split. DC's and DSA's code skip this
-   after the last update of an outer iteration (IDC's and Acc-DD's do not); here it runs and
-   the nets are then replaced (a select, not a conditional: see :func:`make_distill_step`),
-   which costs compute only.
+   read as 8-bit images (DC, DSA: plain SGD, each epoch ``ceil(size / net_batch)`` batches), or
+   not at all (DM). DC's and DSA's code skip this after the last update of an outer iteration
+   (IDC's and Acc-DD's do not); here it runs and the nets are then replaced, which costs compute
+   only.
 
 With M = 1 this is the reference's schedule. With M > 1 each update averages M nets; running
-``outer_iterations / M`` outer iterations keeps the number of model-steps (nets x inner
-iterations) of the reference, with M times fewer image updates.
-
-IDC's and Acc-DD's nets train on the real data only, so their trajectories do not depend on the
-synthetic set: with ``trajectory_chunk`` C, one step trains the nets of C outer iterations first
-as one population and then runs their C x inner matching updates in order against the kept
-snapshots. Same nets, keys and updates as C x inner interleaved steps (equal up to float
-rounding, tested), M = 1 included, so the reference's exact schedule gets the throughput of a
-C-net population for its nets' training.
+``outer_iterations / M`` outer iterations keeps the reference's number of model-steps (nets x
+inner iterations), with M times fewer image updates.
 
 Images live in [0, 1] pixel space (IDC's convention). DC, DSA and DM optimize normalized images;
 their learning rates are converted to pixel space by ``std^2`` (mean over channels), which gives
 the same SGD trajectory up to the per-channel spread of ``std`` when ``std`` is the reference's
-(``data.NORMALIZATIONS["cifar10_common"]`` on CIFAR, as the study's CIFAR presets set).
+(``data.NORMALIZATIONS["cifar10_common"]`` on CIFAR).
 """
 
 from __future__ import annotations
@@ -56,7 +46,7 @@ import numpy as np
 import optax
 
 from jaxtickets import data as data_lib
-from jaxtickets import errors, population
+from jaxtickets import population
 from jaxtickets import train as train_lib
 from jaxtickets.distill import augment_models, dsa, image_sgd, matching, synthetic
 from jaxtickets.errors import UserError
@@ -77,6 +67,10 @@ _FULL_DSA = "color_crop_cutout_flip_scale_rotate"
 @dataclasses.dataclass(frozen=True)
 class Method:
   """One distillation method's settings (the defaults of its official code).
+
+  The string fields take the names of the tuples above (``OBJECTIVES`` ...), ``distance`` a key
+  of ``matching.GRADIENT_DISTANCES``, the strategies ``dsa.Strategy.parse``'s strings; ``perturb``
+  needs ``models="pool"``, ``net_unit="epoch"`` needs ``net_data="synthetic"``.
 
   Attributes:
     name: registry name.
@@ -139,32 +133,6 @@ class Method:
   net_composition: str = "one"
   net_mix_probability: float = 0.0
 
-  def __post_init__(self):
-    for field, known in (("objective", OBJECTIVES), ("models", MODEL_SOURCES),
-                         ("net_data", NET_DATA), ("net_unit", NET_UNITS),
-                         ("image_lr_space", LR_SPACES), ("image_updates", IMAGE_UPDATES),
-                         ("init", synthetic.INITS)):
-      if getattr(self, field) not in known:
-        raise UserError(f"unknown {field} {getattr(self, field)!r} for method {self.name!r}; "
-                        f"known: {', '.join(known)}")
-    matching.get_gradient_distance(self.distance)
-    self.match_dsa()
-    self.net_dsa()
-    for field in ("factor", "outer_iterations", "inner_iterations", "real_batch",
-                  "synthetic_max", "net_batch"):
-      errors.check_int(field, getattr(self, field))
-    errors.check_int("net_steps", self.net_steps, 0)
-    if self.perturb and self.models != "pool":
-      raise UserError(f"perturb=True perturbs the early-stage pool's nets; method "
-                      f"{self.name!r} draws models={self.models!r}")
-    if self.net_unit == "epoch" and self.net_data != "synthetic":
-      raise UserError(f"net_unit 'epoch' counts passes over the synthetic set; method "
-                      f"{self.name!r} trains its nets on {self.net_data!r}")
-    errors.check_number("image_lr", self.image_lr, 0, strict=True)
-    errors.check_number("net_weight_decay", self.net_weight_decay, 0)
-    for field in ("image_momentum", "net_momentum", "net_mix_probability"):
-      errors.check_number(field, getattr(self, field), 0, 1)
-
   def match_dsa(self) -> dsa.Strategy:
     """The Siamese augmentation of the matching step."""
     return dsa.Strategy.parse(self.match_strategy, self.match_composition)
@@ -223,18 +191,13 @@ METHODS = {"dc": _dc, "dsa": _dsa, "dm": _dm, "idc": _idc, "acc_dd": _acc_dd}
 
 
 def get_method(name: str, images_per_class: int, **overrides: Any) -> Method:
-  """The method ``name`` for an IPC, with ``overrides`` of any :class:`Method` field.
+  """The method ``name`` for an IPC >= 1, with ``overrides`` of :class:`Method` fields.
 
   Raises:
-    UserError: unknown method or field, or a bad field value.
+    UserError: an unknown method name.
   """
   if name not in METHODS:
     raise UserError(f"unknown distillation method {name!r}; known: {', '.join(METHODS)}")
-  errors.check_int("ipc", images_per_class)
-  fields = {field.name for field in dataclasses.fields(Method)} - {"name"}
-  unknown = sorted(set(overrides) - fields)
-  if unknown:
-    raise UserError(f"unknown method field {unknown[0]!r}; known: {', '.join(sorted(fields))}")
   return dataclasses.replace(METHODS[name](images_per_class), **overrides)
 
 
@@ -351,18 +314,16 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
                       class_map: str = "unroll",
                       trajectory_chunk: int | None = None):
   """One inner iteration of ``method`` (see module docstring) as a pure step for ``loop.fit``,
-  or, with ``trajectory_chunk``, ``trajectory_chunk`` whole outer iterations.
+  or, with ``trajectory_chunk`` C, C whole outer iterations.
 
-  With ``trajectory_chunk`` C (methods whose nets train on real data: IDC, Acc-DD) the step
-  computes what C x ``inner_iterations`` interleaved steps compute, in another order. A net's
-  trajectory through an outer iteration (its draw, its SGD steps with its own batch and
-  augmentation keys) does not depend on the synthetic set, so the C x M nets of C outer
-  iterations first train as ONE population, keeping their params before each inner iteration's
-  steps, and the images then take the C x ``inner_iterations`` matching updates in order against
-  those snapshots: the same nets, keys and updates (equal up to float rounding), with the nets'
-  training at the throughput of a C-times larger population (equal per step; over many steps
-  rounding differences compound, so long runs agree in distribution, not bit for bit). Memory:
-  C x inner_iterations x M param snapshots, and the activations of C x M nets training at once.
+  With C (methods whose nets train on the real data: IDC, Acc-DD; see
+  :func:`check_trajectory_chunk`): a net's trajectory through an outer iteration does not depend
+  on the synthetic set, so the C x M nets of C outer iterations first train as ONE population,
+  keeping their params before each inner iteration's steps, and the images then take the
+  C x ``inner_iterations`` matching updates in order against those snapshots. Same nets, keys
+  and updates as C x ``inner_iterations`` interleaved steps, equal up to float rounding (which
+  compounds over many steps: long runs agree in distribution, not bit for bit). Memory:
+  C x inner_iterations x M param snapshots and the activations of C x M nets at once.
 
   Args:
     method: the method.
@@ -375,22 +336,18 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
     num_models: M nets per outer iteration, matched together (vmapped).
     real_batch: real images per class per matching (see :func:`real_batch_size`).
     net_optimizer: SGD of the nets (reference: 0.01 / 0.9 / 5e-4).
-    magnitude: Acc-DD's perturbation range.
+    magnitude: Acc-DD's perturbation range (low, high), 0 <= low <= high.
     population_options: ``population.run`` options of the nets' training (default vmap).
-    model_map: how ``matching.matching_losses`` runs the M nets: "vmap" (default off CPU),
-      "map" (default on CPU) or "unroll".
-    class_map: how it runs the K classes (default "unroll"; see ``matching.matching_losses``).
-    trajectory_chunk: None (one inner iteration per step) or C >= 1 (see above); the step
-      then advances ``state.step`` by C x ``inner_iterations`` (``loop.fit``'s ``step_size``)
-      and must start at an outer iteration's first inner iteration.
+    model_map: how ``matching.matching_losses`` runs the M nets (None: "map" on CPU, "vmap"
+      elsewhere).
+    class_map: how it runs the K classes.
+    trajectory_chunk: None (one inner iteration per step) or C >= 1; the step then advances
+      ``state.step`` by C x ``inner_iterations`` (``loop.fit``'s ``step_size``) and must start at
+      an outer iteration's first inner iteration.
 
   Returns:
     ``step(state: DistillState, data: DistillData) -> (state, {"loss", ["net_accuracy"]})``,
     the metrics averaged over the inner iterations the step runs.
-
-  Raises:
-    UserError: a ``trajectory_chunk`` below 1, or for a method whose nets do not train on the
-      real data.
   """
   image_shape = tuple(image_shape)
   apply_fn = train_lib.model_apply_fn(model, mean, std)
@@ -473,7 +430,7 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
 
   if trajectory_chunk is None:
     return step
-  check_trajectory_chunk(method, trajectory_chunk)
+  check_trajectory_chunk(method)
   chunk = trajectory_chunk
 
   def trajectory_step(state: DistillState, data: DistillData):
@@ -509,10 +466,9 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
   return trajectory_step
 
 
-def check_trajectory_chunk(method: Method, chunk: int) -> None:
-  """Raises UserError unless ``make_distill_step`` can take ``trajectory_chunk=chunk`` for
-  ``method``: an int >= 1, and nets that train (on the real data) between image updates."""
-  errors.check_int("trajectory_chunk", chunk)
+def check_trajectory_chunk(method: Method) -> None:
+  """Raises UserError unless ``method``'s nets train on the real data between image updates,
+  which a ``trajectory_chunk`` needs (otherwise its step would fail obscurely)."""
   if method.net_data != "real" or method.net_steps == 0:
     raise UserError(f"trajectory_chunk trains the nets before matching against them, which "
                     f"needs nets that train on the real data; method {method.name!r} trains "

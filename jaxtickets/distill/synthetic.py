@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtickets import data as data_lib
-from jaxtickets import errors
 from jaxtickets.errors import UserError
 
 INITS = ("noise", "real", "mix")
@@ -31,30 +30,6 @@ INITS = ("noise", "real", "mix")
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
   """i64[K]: examples per class."""
   return np.bincount(np.asarray(labels), minlength=num_classes)[:num_classes]
-
-
-def check_images_per_class(images_per_class: int, labels: np.ndarray, num_classes: int, *,
-                           factor: int = 1, init: str = "noise") -> None:
-  """Raises UserError for an IPC below 1, or above what some class's real images allow.
-
-  Args:
-    images_per_class: stored synthetic images per class (IPC).
-    labels: i32[N] real training labels.
-    num_classes: K.
-    factor: multi-formation factor f >= 1.
-    init: one of :data:`INITS`; "real" needs IPC real images per class, "mix" IPC * f^2.
-  """
-  errors.check_int("ipc", images_per_class)
-  errors.check_int("factor", factor)
-  if init not in INITS:
-    raise UserError(f"unknown synthetic init {init!r}; known: {', '.join(INITS)}")
-  counts = class_counts(labels, num_classes)
-  needed = images_per_class * (factor ** 2 if init == "mix" else 1)
-  smallest = int(np.argmin(counts))
-  if needed > counts[smallest]:
-    what = f"ipc={images_per_class}" + (f" x factor^2={factor ** 2}" if init == "mix" else "")
-    raise UserError(f"{what} needs {needed} real images per class but class {smallest} has "
-                    f"only {counts[smallest]}")
 
 
 def _sample_class_images(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray,
@@ -90,17 +65,13 @@ def init_images(seed: int, images: np.ndarray, labels: np.ndarray, num_classes: 
     images: u8[N, H, W, C] real training images.
     labels: i32[N].
     num_classes: K.
-    images_per_class: IPC.
+    images_per_class: IPC >= 1; "real" needs IPC real images in every class, "mix" IPC * f^2.
     factor: multi-formation factor f (only "mix" uses it at initialization).
     init: one of :data:`INITS`.
 
   Returns:
     f32[K, ipc, H, W, C] in [0, 1].
-
-  Raises:
-    UserError: see :func:`check_images_per_class`.
   """
-  check_images_per_class(images_per_class, labels, num_classes, factor=factor, init=init)
   rng = np.random.default_rng(seed)
   height, width, channels = images.shape[1:]
   shape = (num_classes, images_per_class, height, width, channels)
@@ -125,8 +96,8 @@ def init_images(seed: int, images: np.ndarray, labels: np.ndarray, num_classes: 
 
 def check_factor(factor: int, image_shape: tuple[int, ...]) -> None:
   """Raises UserError unless :func:`decode` can decode images of ``image_shape`` (H, W, C) with
-  ``factor``: IDC's crops are square, of the height's size, so f > 1 needs H == W."""
-  errors.check_int("factor", factor)
+  ``factor``: IDC's crops are square, of the height's size, so f > 1 needs H == W (otherwise
+  the decoded crops would be silently wrong)."""
   height, width = image_shape[:2]
   if factor > 1 and height != width:
     raise UserError(f"multi-formation (factor {factor}) decodes square images; got "
@@ -138,14 +109,11 @@ def decode(images: jax.Array, factor: int) -> jax.Array:
 
   Args:
     images: f32[N, H, W, C] stored images.
-    factor: f >= 1 (1 returns ``images``).
+    factor: f >= 1 (1 returns ``images``; f > 1 needs H == W, see :func:`check_factor`).
 
   Returns:
     f32[N * f^2, H, W, C]: crop (i, j) of image n at index ``(i * f + j) * N + n``, as the
     reference concatenates them. Differentiable.
-
-  Raises:
-    UserError: non-square images with f > 1 (IDC's crops are square, of the height's size).
   """
   check_factor(factor, images.shape[1:])
   if factor == 1:
@@ -215,8 +183,8 @@ def decoded_split(images: jax.Array, factor: int) -> data_lib.Split:
 
 def random_real_split(seed: int, images: np.ndarray, labels: np.ndarray, num_classes: int,
                       images_per_class: int) -> data_lib.Split:
-  """The baseline of the same size: ``images_per_class`` random real images per class."""
-  check_images_per_class(images_per_class, labels, num_classes, init="real")
+  """The baseline of the same size: ``images_per_class`` random real images per class (every
+  class must have that many)."""
   rng = np.random.default_rng(seed)
   index = np.concatenate([rng.choice(np.flatnonzero(labels == label), images_per_class,
                                      replace=False) for label in range(num_classes)])

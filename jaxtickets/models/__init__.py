@@ -12,7 +12,6 @@ outputs (sown into ``intermediates[BLOCK_OUTPUTS]``) for representation-similari
 """
 
 import dataclasses
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -20,32 +19,20 @@ import jax
 from jaxtickets.errors import UserError
 from jaxtickets.models.cbr import CBRLargeT, CBRLargeW, CBRSmall, CBRTiny
 from jaxtickets.models.convnet import ConvNet
-from jaxtickets.models.layers import BLOCK_OUTPUTS, Classifier, check_options
+from jaxtickets.models.layers import BLOCK_OUTPUTS, Classifier, check_names
 from jaxtickets.models.mobilenet import MobileNetV2
 from jaxtickets.models.resnet import ResNet18, ResNet20, ResNet50, ResNet56
 from jaxtickets.models.vgg import VGG16
 from jaxtickets.models.wrn import WideResNet34x10
 
-_REGISTRY: dict[str, type[Classifier]] = {}
+_REGISTRY: dict[str, type[Classifier]] = {
+    "convnet3": ConvNet, "resnet18": ResNet18, "resnet20": ResNet20, "resnet56": ResNet56,
+    "resnet50": ResNet50, "vgg16": VGG16, "wrn34_10": WideResNet34x10, "cbr_large_t": CBRLargeT,
+    "cbr_large_w": CBRLargeW, "cbr_small": CBRSmall, "cbr_tiny": CBRTiny,
+    "mobilenetv2": MobileNetV2,
+}
 # Dataclass fields that are not options: flax's parent/name and the required num_classes.
 _MODULE_FIELDS = frozenset({"parent", "name", "num_classes"})
-
-
-def register_model(name: str) -> Callable[[type[Classifier]], type[Classifier]]:
-  """Class decorator that makes a ``Classifier`` subclass buildable as ``get_model(name)``.
-
-  Its dataclass fields (other than ``num_classes``) become the options ``get_model`` accepts.
-  """
-
-  def register(model_class: type[Classifier]) -> type[Classifier]:
-    if name in _REGISTRY:
-      raise UserError(f"model name {name!r} is already registered")
-    if not (isinstance(model_class, type) and issubclass(model_class, Classifier)):
-      raise UserError(f"register_model({name!r}) needs a Classifier subclass, got {model_class!r}")
-    _REGISTRY[name] = model_class
-    return model_class
-
-  return register
 
 
 def list_models() -> list[str]:
@@ -64,18 +51,19 @@ def get_model(name: str, *, num_classes: int, **options) -> nn.Module:
 
   Args:
     name: one of ``list_models()``.
-    num_classes: number of logits.
+    num_classes: number of logits, >= 1.
     **options: module attributes such as ``norm``, ``dtype``, ``use_bias``, ``head_bias``,
-      ``kernel_init``, ``head_init``, ``width`` (see ``model_options(name)``).
+      ``kernel_init``, ``head_init``, ``width`` (see ``model_options(name)`` and
+      ``layers.Classifier`` for their domains).
 
   Returns:
     An unbound flax module: ``apply(variables, x: f32[B, H, W, C], train=bool)`` returns
     ``f32[B, num_classes]``.
 
   Raises:
-    UserError: unknown name or option, or a bad value of an option every model shares (norm,
-      dtype, initializers, width, use_bias, head_bias, conv_impl). An architecture's own
-      options (``depth``, ``block``, ``stage_sizes``, ...) are not checked here.
+    UserError: unknown model or option name, or an unknown name as the value of ``norm``,
+      ``dtype``, an initializer or ``conv_impl``. Other values (``width``, ``use_bias``, an
+      architecture's ``depth``, ...) are the caller's to check.
   """
   known = model_options(name)
   unknown = sorted(set(options) - set(known))
@@ -83,7 +71,7 @@ def get_model(name: str, *, num_classes: int, **options) -> nn.Module:
     raise UserError(f"unknown option(s) {', '.join(unknown)} for model {name!r}; "
                     f"known: {', '.join(known)}")
   model = _model_class(name)(num_classes=num_classes, **options)
-  check_options(model)
+  check_names(model)
   return model
 
 
@@ -113,12 +101,5 @@ def _model_class(name: str) -> type[Classifier]:
   return _REGISTRY[name]
 
 
-for _name, _model in (("convnet3", ConvNet), ("resnet18", ResNet18), ("resnet20", ResNet20),
-                      ("resnet56", ResNet56), ("resnet50", ResNet50), ("vgg16", VGG16),
-                      ("wrn34_10", WideResNet34x10), ("cbr_large_t", CBRLargeT),
-                      ("cbr_large_w", CBRLargeW), ("cbr_small", CBRSmall), ("cbr_tiny", CBRTiny),
-                      ("mobilenetv2", MobileNetV2)):
-  register_model(_name)(_model)
-
 __all__ = ["BLOCK_OUTPUTS", "Classifier", "block_outputs", "get_model", "list_models",
-           "model_options", "register_model"]
+           "model_options"]

@@ -26,9 +26,9 @@ class CBR(ConvStack):
   """A CBR network (see module docstring); 7x7 kernels unless ``kernel_size`` says otherwise.
 
   Attributes:
-    depth: number of conv-BN-ReLU units.
+    depth: number of conv-BN-ReLU units, >= 1.
     pooled: the first ``pooled`` units are followed by a maxpool.
-    unit_widths: output channels of each of the ``depth`` units (stem first), or None for
+    unit_widths: output channels (>= 1) of each of the ``depth`` units (stem first), or None for
       ``width`` doubling from unit to unit.
   """
 
@@ -42,9 +42,9 @@ class CBR(ConvStack):
       widths = tuple(self.width * 2**index for index in range(self.depth))
     else:
       widths = tuple(self.unit_widths)
-      if len(widths) != self.depth or min(widths) < 1:
-        raise UserError(f"unit_widths={widths!r}; expected {self.depth} positive ints (one per "
-                        f"unit of {type(self).__name__})")
+      if len(widths) != self.depth:  # Else it would silently override depth.
+        raise UserError(f"unit_widths={widths!r}; expected {self.depth} ints (one per unit of "
+                        f"{type(self).__name__})")
     return tuple((features, index < self.pooled) for index, features in enumerate(widths))
 
   def _pooling(self) -> Callable[[Array], Array]:

@@ -5,10 +5,8 @@ NHWC, and its ``ConvCanonicalization`` pass rewrites the others into that form o
 entry computation. JAX's gradient of a conv w.r.t. its kernel is such an "other" conv (the
 batch contracted as features), and so, for the stride-1 case, is its input gradient (the
 kernel's in/out swapped). Inside a ``lax.scan``, ``fori_loop`` or ``lax.map`` body these run
-on XLA's naive loop emitter instead: measured on 2 cores, a ConvNet-3 (width 128, batch 64,
-32x32) training step took 12.4 s in a scan vs 0.24 s outside one, and 4 ResNet-20 gradients
-run by ``lax.map`` 30.8 s vs 0.86 s one after another. Every training loop, PGD attack and
-one-member-at-a-time population is such a loop body.
+on XLA's naive loop emitter instead, tens of times slower (``benchmarks/cpu_loops.py``). Every
+training loop, PGD attack and one-member-at-a-time population is such a loop body.
 
 :func:`conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` (flax's
 ``nn.Conv(conv_general_dilated=...)``). On CPU, for the models' convolutions (NHWC input, HWIO
@@ -27,12 +25,10 @@ swapped form Eigen cannot run either; such inputs are padded explicitly first (`
 :func:`im2col_conv_general_dilated` is the other implementation a model can choose
 (``conv_impl="im2col"``): the same convolution as one matrix product of the input's patches with
 the reshaped kernel. Why: under ``vmap`` over the kernel (a population of nets) XLA turns a
-convolution into a grouped one, slow on both backends measured (a training step of 4 vmapped
-ConvNet-3s: 3.1 s on 2 CPU cores, vs 1.0 s with im2col; on an H100, 32 vmapped ConvNet-3s ran
-at ~55 of its ~990 bf16 TFLOP/s), and under ``vmap`` over the input with a shared kernel
-(matching one net on several classes) its kernel gradient becomes a batch-grouped one (8.4x
-slower on an H100). The matrix product batches into a batched GEMM instead. The price is
-memory: the patches are ``k * k`` times the input. Which is faster on a GPU is measured by
+convolution into a grouped one, slow on CPUs and GPUs, and under ``vmap`` over the input with a
+shared kernel (matching one net on several classes) its kernel gradient becomes a batch-grouped
+one, slow as well. The matrix product batches into a batched GEMM instead. The price is
+memory: the patches are ``k * k`` times the input. Which is faster where is measured by
 ``benchmarks/population.py`` and ``benchmarks/distill.py`` (``benchmarks/RESULTS.md``).
 
 A custom VJP has no forward mode: on CPU, ``jax.jvp`` / ``jax.jacfwd`` through a model raise

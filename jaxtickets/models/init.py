@@ -25,6 +25,9 @@ def fan_in(shape: Sequence[int]) -> int:
 
   Returns:
     ``prod(shape[:-1])``.
+
+  Raises:
+    UserError: fewer than 2 dims (a bias: its fan would silently be 1).
   """
   if len(shape) < 2:
     raise UserError(f"fan_in needs a kernel shape with at least 2 dims, got {tuple(shape)}")
@@ -32,9 +35,8 @@ def fan_in(shape: Sequence[int]) -> int:
 
 
 def fan_out(shape: Sequence[int]) -> int:
-  """Number of outputs one input unit feeds: ``shape[-1] * prod(shape[:-2])``."""
-  if len(shape) < 2:
-    raise UserError(f"fan_out needs a kernel shape with at least 2 dims, got {tuple(shape)}")
+  """Number of outputs one input unit feeds: ``shape[-1] * prod(shape[:-2])`` (a kernel shape,
+  as for :func:`fan_in`)."""
   return shape[-1] * math.prod(shape[:-2])
 
 
@@ -82,16 +84,17 @@ def get_initializer(name: str, *, fan_scale: float = 1.0) -> Initializer:
 
   Args:
     name: one of ``INITIALIZER_NAMES``.
-    fan_scale: multiplies every fan before use; edge-popup's ``scale_fan`` passes the kept
+    fan_scale: multiplies every fan before use, > 0; edge-popup's ``scale_fan`` passes the kept
       fraction so the surviving connections have the variance of a dense layer.
 
   Returns:
     ``init(key, shape, dtype=jnp.float32) -> Array[shape]``.
+
+  Raises:
+    UserError: unknown name.
   """
   if name not in _SAMPLERS:
     raise UserError(f"unknown initializer {name!r}; known: {', '.join(INITIALIZER_NAMES)}")
-  if not fan_scale > 0:
-    raise UserError(f"fan_scale must be > 0, got {fan_scale}")
   sampler = _SAMPLERS[name]
 
   def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
@@ -104,13 +107,12 @@ def pytorch_bias_init(fan_in: int) -> Initializer:
   """PyTorch's default bias init for a layer with ``fan_in`` inputs per output: U(+-1/sqrt(fan_in)).
 
   Args:
-    fan_in: inputs per output unit of the layer the bias belongs to (``kh * kw * in / groups``).
+    fan_in: inputs per output unit of the layer the bias belongs to (``kh * kw * in / groups``),
+      >= 1.
 
   Returns:
     ``init(key, shape, dtype=jnp.float32) -> Array[shape]``.
   """
-  if fan_in < 1:
-    raise UserError(f"bias fan_in must be >= 1, got {fan_in}")
   bound = 1.0 / math.sqrt(fan_in)
 
   def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:

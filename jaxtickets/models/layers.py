@@ -1,4 +1,4 @@
-"""Building blocks shared by the model zoo: option checks, conv/norm/head factories, a base class.
+"""Building blocks shared by the model zoo: conv/norm/head factories, a base class.
 
 Every model is a :class:`Classifier`: it carries the common options (``norm``, ``dtype``,
 ``use_bias``, ``head_bias``, ``kernel_init``, ``head_init``, ``width``), builds its layers through
@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtickets import errors
 from jaxtickets.errors import UserError
 from jaxtickets.models.conv import CONV_IMPLS
 from jaxtickets.models.init import INITIALIZER_NAMES, get_initializer, pytorch_bias_init
@@ -130,8 +129,6 @@ class Layers:
       return nn.BatchNorm(
           use_running_average=not train, momentum=0.9, epsilon=1e-5, use_scale=affine,
           use_bias=affine, dtype=self.dtype, param_dtype=jnp.float32, name=name)(x)
-    if self.norm not in ("group", "instance"):
-      raise UserError(f"unknown norm {self.norm!r}; known: {', '.join(NORM_KINDS)}")
     features = x.shape[-1]
     groups = features if self.norm == "instance" else group_count(features)
     return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype,
@@ -174,22 +171,16 @@ def shortcut_branch(x: Array, layers: Layers, *, features: int, strides: int, ki
   return layers.norm_layer(x, train=train, name="shortcut_norm")
 
 
-def check_options(model: nn.Module) -> None:
-  """Raises UserError when a common option of ``model`` has a value no layer understands."""
-  errors.check_int("num_classes", model.num_classes)
-  if model.norm not in NORM_KINDS:
-    raise UserError(f"unknown norm {model.norm!r}; known: {', '.join(NORM_KINDS)}")
+def check_names(model: nn.Module) -> None:
+  """Raises UserError unless ``model``'s ``norm``, ``dtype``, initializers and ``conv_impl`` are
+  known names (an unknown norm would otherwise run as GroupNorm), before anything is traced."""
   resolve_dtype(model.dtype)
-  for option in ("kernel_init", "stem_init", "head_init"):
+  for option, known in (("norm", NORM_KINDS), ("kernel_init", INITIALIZER_NAMES),
+                        ("stem_init", INITIALIZER_NAMES), ("head_init", INITIALIZER_NAMES),
+                        ("conv_impl", tuple(CONV_IMPLS))):
     value = getattr(model, option)
-    if value not in INITIALIZER_NAMES and not (option == "stem_init" and value is None):
-      raise UserError(f"unknown {option} {value!r}; known: {', '.join(INITIALIZER_NAMES)}")
-  errors.check_int("width", model.width)
-  for option in ("use_bias", "head_bias"):
-    if not isinstance(getattr(model, option), bool):
-      raise UserError(f"{option}={getattr(model, option)!r}; expected True or False")
-  if model.conv_impl not in CONV_IMPLS:
-    raise UserError(f"unknown conv_impl {model.conv_impl!r}; known: {', '.join(CONV_IMPLS)}")
+    if value not in known and not (option == "stem_init" and value is None):
+      raise UserError(f"unknown {option} {value!r}; known: {', '.join(known)}")
 
 
 def norm_names(norm: str, *names: str) -> tuple[str, ...]:
@@ -214,17 +205,17 @@ class Classifier(nn.Module):
   ``block_names``.
 
   Attributes:
-    num_classes: number of logits.
+    num_classes: number of logits, >= 1.
     norm: one of ``NORM_KINDS``; "instance" is GroupNorm with one group per channel.
     dtype: compute dtype (jnp.float32/jnp.bfloat16 or "float32"/"bfloat16"); params stay fp32
       and logits are returned in fp32.
-    use_bias: conv biases.
-    head_bias: classifier bias (RST's classifier is a bias-free 1x1 conv).
+    use_bias: conv biases (a bool).
+    head_bias: classifier bias (a bool; RST's classifier is a bias-free 1x1 conv).
     kernel_init: conv kernel initializer name.
     stem_init: the ``stem`` conv's initializer name; None: ``kernel_init`` (torchvision's CIFAR
       ResNets, for one, replace the stem after initializing the rest their way).
     head_init: classifier kernel initializer name.
-    width: base width (the first stage's channels for most architectures; WRN's and
+    width: base width, >= 1 (the first stage's channels for most architectures; WRN's and
       MobileNetV2's stem channels, see theirs); the architecture's default.
     conv_impl: "xla" (XLA's convolution: cuDNN on GPUs) or "im2col" (patches times kernel, one
       matrix product). Same function and params; "im2col" is for populations run by ``vmap``,

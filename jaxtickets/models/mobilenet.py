@@ -16,7 +16,6 @@ torchvision); the last conv keeps 1280 channels unless the multiplier is above 1
 
 import flax.linen as nn
 
-from jaxtickets.errors import UserError
 from jaxtickets.models.layers import (Array, Classifier, Layers, global_average_pool, norm_names,
                                      shortcut_branch)
 
@@ -68,7 +67,7 @@ class MobileNetV2(Classifier):
 
   Attributes:
     width: stem channels before ``width_multiplier``.
-    width_multiplier: scales every channel count (alpha in the paper).
+    width_multiplier: scales every channel count (alpha in the paper), > 0.
   """
 
   width: int = 32
@@ -76,8 +75,6 @@ class MobileNetV2(Classifier):
 
   def _plan(self) -> tuple[tuple[str, int, int, int], ...]:
     """(name, features, expansion, strides) of every block in forward order."""
-    if not self.width_multiplier > 0:
-      raise UserError(f"width_multiplier must be > 0, got {self.width_multiplier}")
     return tuple((f"layer{stage + 1}_{index}", make_divisible(channels * self.width_multiplier),
                   expansion, stride if index == 0 else 1)
                  for stage, (expansion, channels, blocks, stride) in enumerate(_STAGES)

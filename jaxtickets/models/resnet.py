@@ -73,8 +73,9 @@ class ResNet(Classifier):
     stage_sizes: residual blocks per stage.
     block: "basic" or "bottleneck".
     shortcut: "projection" (1x1 conv + norm, option B) or "zero_pad" (option A).
-    unit_widths: the stem's channels then each residual block's planes, in forward order, or
-      None for ``width * 2**stage``. A block whose input has other channels gets a projection.
+    unit_widths: the stem's channels then each residual block's planes (each >= 1), in forward
+      order, or None for ``width * 2**stage``. A block whose input has other channels gets a
+      projection.
   """
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -90,9 +91,9 @@ class ResNet(Classifier):
     if self.unit_widths is None:
       return plan
     widths = tuple(self.unit_widths)
-    if len(widths) != 1 + len(plan) or min(widths) < 1:
-      raise UserError(f"unit_widths={widths!r}; expected {1 + len(plan)} positive ints (the "
-                      f"stem, then each residual block)")
+    if len(widths) != 1 + len(plan):  # zip below would silently drop or ignore blocks.
+      raise UserError(f"unit_widths={widths!r}; expected {1 + len(plan)} ints (the stem, then "
+                      "each residual block)")
     return tuple((name, planes, strides)
                  for (name, _, strides), planes in zip(plan, widths[1:]))
 

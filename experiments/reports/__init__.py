@@ -1,0 +1,1 @@
+"""Report modules: one per study, turning a finished workdir into report.md + PNGs."""
