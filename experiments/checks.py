@@ -173,3 +173,10 @@ def check_population_sizes(config: ml_collections.ConfigDict, sizes: Mapping[str
     if size % devices:
       raise UserError(f"strategy 'shard' splits every population evenly over the {devices} "
                       f"devices; {name}: {size} members")
+
+
+def check_val_fraction(name: str, fraction: Any) -> None:
+  """Raises UserError naming ``name`` unless ``fraction`` is a number in (0, 1) (the share of a
+  split ``data.with_validation`` carves out)."""
+  if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
+    raise UserError(f"{name}={fraction!r}; expected a number in (0, 1)")

@@ -42,10 +42,9 @@ def run(workdir: str | pathlib.Path) -> pathlib.Path:
 def main(argv=None) -> None:
   parser = errors.ArgumentParser(description=__doc__.strip().splitlines()[0])
   parser.add_argument("--workdir", default="runs/demo")
-  args = parser.parse_args(argv)
+  workdir = parser.parse_args(argv).workdir
   with exit_on_user_error():
-    path = run(args.workdir)
-  print(f"report written to {path}")
+    print(f"report written to {run(workdir)}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxtickets import metrics as metrics_lib
 from jaxtickets import paths, tickets
 from jaxtickets import train as train_lib
 
@@ -154,14 +155,24 @@ def make_sparse_step(model_apply_fn: train_lib.ApplyFn, optimizer: optax.Gradien
   """
 
   def step(state: SparseState, data: train_lib.Data):
+    train = state.train
+    x, labels, model_key = train_lib.sample_batch(train, data, batch_size, augment)
     apply_fn = aws_apply_fn(model_apply_fn, state.mask, state.aws)
-    train_step = train_lib.make_train_step(apply_fn, optimizer, batch_size=batch_size,
-                                           augment=augment)
-    trained, metrics = train_step(state.train, data)
+
+    def loss_fn(params):
+      logits, batch_stats = apply_fn(params, train.batch_stats, x, True, model_key)
+      return train_lib.cross_entropy(logits, labels), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        train.params)
+    updates, opt_state = optimizer.update(grads, train.opt_state, train.params)
     # The masked forward already zeroes the gradient of pruned weights; re-masking keeps them
     # exactly zero under momentum and weight decay.
-    params = tickets.apply_mask(trained.params, state.mask)
-    return state._replace(train=trained._replace(params=params)), metrics
+    params = tickets.apply_mask(optax.apply_updates(train.params, updates), state.mask)
+    train = train._replace(step=train.step + 1, params=params, batch_stats=batch_stats,
+                           opt_state=opt_state)
+    return state._replace(train=train), {"loss": loss,
+                                         "accuracy": metrics_lib.accuracy(logits, labels)}
 
   return step
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import numbers
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -444,13 +443,6 @@ def _stratified_sample(labels: np.ndarray, fraction: float, *, seed: int,
     count = min(max(1, round(fraction * len(members))), len(members) - leave_per_class)
     taken.append(rng.choice(members, size=max(count, 0), replace=False))
   return np.sort(np.concatenate([np.zeros(0, np.int64), *taken]))
-
-
-def check_val_fraction(name: str, fraction: Any) -> None:
-  """Raises UserError naming ``name`` unless ``fraction`` is a number in (0, 1) (a config check,
-  for :func:`with_validation`'s ``fraction``)."""
-  if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
-    raise UserError(f"{name}={fraction!r}; expected a number in (0, 1)")
 
 
 def with_validation(ds: Dataset, fraction: float, *, seed: int = 0) -> Dataset:

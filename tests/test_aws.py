@@ -415,28 +415,6 @@ def test_small_run_resumes_without_training_again(small_run):
   assert json.loads((workdir / "results.json").read_text()) == results
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("pruning.rounds=0", "pruning rounds must be an int >= 1"),
-    ("transfer.densities=(1.5,)", "density must be in (0, 1]"),
-    ("transfer.densities=(0.0,)", "density must be in (0, 1]"),
-    ("pruning.fraction=1.2", "pruning fraction"),
-    ("methods=('lrr', 'imp')", "methods=('lrr', 'imp'); unknown 'imp', known: "),
-    ("transfer.variants=('sign', 'sign')", "transfer.variants=('sign', 'sign') repeats 'sign'"),
-    ("transfer.seeds=(3, 3)", "transfer.seeds=(3, 3) repeats 3; each seed is one member"),
-    ("transfer.seeds=(1, True)", "transfer.seeds entry=True"),
-    ("methods=('imp', 1)", "unknown 'imp'"), ("methods=(['lrr'],)", "expected names or numbers"),
-    ("transfer.densities=(0.25, 0.26)", "are both nearest round 2"),
-    ("lmc.batch_size=5000", "lmc.batch_size=5000 exceeds"),
-    ("model_options.norm=none", "AWS interpolates norm params"),
-    ("methods=None", "methods=None"), ("transfer.seeds=None", "transfer.seeds=None"),
-    ("transfer.densities=None", "densities=None"), ("transfer.dense=None", "transfer.dense"),
-    # Four test devices: every population must split over them (found before any training).
-    ("strategy=shard", "the pruning population (methods): 2 members"),
-])
-def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
-  assert_cli_user_error(runner.main, [*SMALL, f"--config.{override}"], fragment)
-
-
 def test_sharded_populations_are_checked_before_anything_trains(monkeypatch):
   # On 2 devices the 2 pruning members split, so the later stages' sizes decide: the small
   # preset's 14 transfer members in groups, and its 11-point error curve.

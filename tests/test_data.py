@@ -89,13 +89,6 @@ def test_with_validation_is_stratified_disjoint_and_seeded(digits):
   assert data.with_validation(carved, 0.5) is carved  # An existing val split is kept.
 
 
-def test_check_val_fraction_takes_numbers_strictly_between_0_and_1():
-  data.check_val_fraction("val_fraction", 0.5)
-  for fraction in (0.0, 1.0, True, "0.1"):
-    assert_one_line_user_error(lambda: data.check_val_fraction("val_fraction", fraction),
-                               f"val_fraction={fraction!r}")
-
-
 def test_subsample_is_a_stratified_subset(digits):
   small = data.subsample(digits.train, 0.25, seed=3)
   full_counts = np.bincount(digits.train.labels)

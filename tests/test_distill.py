@@ -543,23 +543,6 @@ def test_cli_fast_presets_reorderings_compute_the_default_set_and_run_in_bfloat1
   # run ignored would give the reordered set.
   assert np.abs(sets["fast"] - sets["reordered"]).mean() > 0.5 * np.abs(moved).mean()
 
-@pytest.mark.parametrize("override, fragment", [
-    ("ipc=0", "ipc=0"), ("ipc=500", "class"), ("method=kip", "unknown distillation method"),
-    ("method_overrides.factor=0", "factor=0"), ("num_models=0", "num_models=0"),
-    ("class_map=pmap", "class_map='pmap'"),
-    ("method_overrides.net_mix_probability='x'", "net_mix_probability='x'"),
-    ("method_overrides.image_lr=-0.1", "image_lr=-0.1"),
-    ("method_overrides.net_unit='epoch'", "net_unit 'epoch'"),
-    ("normalization=cifar10_common", "digits images have 1"),
-    ("chunk_size=2", "chunk_size=2 applies to strategy 'map'"),
-    ("eval.strategy=None", "DSA strategy None"), ("train_fraction=None", "train_fraction=None"),
-    ("flip=None", "--config.flip=None"),
-    ("trajectory_chunk=0", "trajectory_chunk=0"),
-    ("trajectory_chunk=2", "trajectory_chunk=2 must divide the checkpoint_every (1)"),
-    ("strategy=shard", "num_models: 1 members")])
-def test_cli_exits_2_on_bad_input(override, fragment, assert_cli_user_error):
-  assert_cli_user_error(runner.main, ["--config", SMALL, f"--config.{override}"], fragment)
-
 
 @pytest.mark.parametrize("fields, fragments", [
     ({"method": "idc", "method_overrides.perturb": True}, ("perturb=True", "models='random'")),

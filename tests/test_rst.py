@@ -442,18 +442,3 @@ def test_unknown_names_raise_value_errors(tiny_network):
   ticket = rst.Ticket(params, params, tickets.kept_counts(params, 0.5, prunable))
   with pytest.raises(ValueError, match="unknown fine-tuning init 'rewind'"):
     rst.finetune_weights(ticket, prunable, init="rewind")
-
-
-@pytest.mark.parametrize("override", [
-    "attack.eps=-0.1", "attack.num_steps=0", "attack.batch_norm=train", "keep_ratios=(0.5,1.5)",
-    "keep_ratios=(0.0,)", "eval.pgd_steps=0", "eval.step_size=-0.01", "eval.attacks=('cw',)",
-    "epochs=0", "weight_init=kaiming", "strategy=pmap", "keep_ratios=None", "eval.attacks=None",
-    "val_fraction=None", "val_fraction=1", "natural_baseline=None", "keep_ratios=(0.3,0.3)",
-    "model_options.norm=group", "strategy=shard", "finetune.init=rewind",
-    ("dense_baseline.enabled=True", "dense_baseline.model_options.norm=bn"),
-    ("finetune.epochs=1", "finetune.weight_init=kaiming"),
-    ("finetune.epochs=1", "finetune.schedule=linear")])
-def test_cli_exits_2_on_bad_input(override, assert_cli_user_error):
-  settings = (override,) if isinstance(override, str) else override
-  assert_cli_user_error(runner.main, ["--config", "experiments/configs/rst.py:small",
-                                      *[f"--config.{setting}" for setting in settings]])

@@ -286,42 +286,6 @@ def test_cli_resumes_a_finished_run_without_training(small_run):
   assert log.read_text() == log_before
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("transfusion_blocks=(5,)", "num_blocks=5"),
-    ("arms=('random', 'imagenet')", "imagenet"),
-    ("models=('cbr_tiny', 'resnet18')", "one width"),
-    ("widths=(0,)", "widths entry=0"),
-    ("seeds=0", "seeds=0"),
-    ("epochs=0", "epochs=0"),
-    ("models=(3,)", "unknown 3, known: "),
-    ("strategy=pmap", "unknown population strategy 'pmap'"),
-    ("similarity.methods=('cka',)", "similarity.methods=('cka',)"),
-    ("similarity.keep_variance=0", "similarity.keep_variance=0"),
-    ("target_classes=('a', 'b')", "expected a sequence of at least 2 distinct int labels"),
-    ("target_classes=(5, 5)", "target_classes=(5, 5)"),
-    ("source.classes=(0, 10)", "in [0, 10) of digits"),
-    # The source is pretrained with the study's models and seed; it has no fields of its own.
-    ("source.model=resnet18", "unknown config key 'source.model'"),
-    ("source.seed=1", "unknown config key 'source.seed'"),
-    ("source.epochs=0", "source.epochs=0"),
-    ("models=None", "models=None"), ("arms=None", "arms=None"),
-    ("sweep_arms=None", "sweep_arms=None"), ("transfusion_blocks=None", "transfusion_blocks"),
-    ("source.train_fraction=None", "source.train_fraction=None"),
-    ("val_fraction=1", "val_fraction=1"),
-    # Found from shapes before anything trains: the last unit's 1 x 1 map of one probe image.
-    ("similarity.probe_size=1", "fewer datapoints (1) than neurons"),
-    ("similarity.max_datapoints=5", "max_datapoints=5 is below the batch size 100"),
-    ("strategy=shard", "cbr_tiny full (arms x seeds): 10 members"),
-    ("arms=('random', 'transfer', 'random')", "arms=('random', 'transfer', 'random') repeats "
-     "'random'; it would train identical members"),
-    ("arms=('random', 1, 'x')", "unknown 1, known: "),
-    ("transfusion_blocks=(1, 1.0)", "transfusion num_blocks=1.0"),
-    ("transfusion_blocks=(1, 1)", "transfusion_blocks=(1, 1) repeats 1"),
-])
-def test_cli_exits_2_on_bad_config(override, fragment, assert_cli_user_error):
-  assert_cli_user_error(runner.main, ["--config", CONFIG, f"--config.{override}"], fragment)
-
-
 def test_cli_exits_2_on_a_target_npz_without_a_test_split(tmp_path, digits,
                                                           assert_cli_user_error):
   path = tmp_path / "target.npz"

@@ -239,7 +239,7 @@ def check_config(config: ml_collections.ConfigDict) -> list[ModelSpec]:
                       ("convergence_fraction", config.convergence_fraction),
                       ("similarity.keep_variance", config.similarity.keep_variance)):
     checks.check_number(name, value, 0, 1, strict=True)
-  data_lib.check_val_fraction("val_fraction", config.val_fraction)
+  checks.check_val_fraction("val_fraction", config.val_fraction)
   checks.check_names("models", config.models, models.list_models(),
                      repeat="each model trains once")
   checks.check_sequence("widths", config.widths)

@@ -447,11 +447,9 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
     nets, (snapshots, accuracy) = jax.lax.scan(train, nets, None, length=inner)
 
     def match(carry, offset):
-      def nets_of(leaf):  # The M nets of outer iteration offset // inner at its inner step.
-        leaf = jax.lax.dynamic_index_in_dim(leaf, offset % inner, keepdims=False)
-        return jax.lax.dynamic_slice_in_dim(leaf, offset // inner * num_models, num_models)
-
-      params, batch_stats = jax.tree.map(nets_of, snapshots)
+      params, batch_stats = jax.tree.map(
+          functools.partial(_nets_at, offset=offset, inner=inner, num_models=num_models),
+          snapshots)
       images, opt_state, loss = update_images(state.key, state.step + offset, *carry, params,
                                               batch_stats, data)
       return (images, opt_state), loss
@@ -464,6 +462,13 @@ def make_distill_step(method: Method, model: nn.Module, *, mean: Sequence[float]
                               "loss": jnp.mean(losses), "net_accuracy": jnp.mean(accuracy)}
 
   return trajectory_step
+
+
+def _nets_at(leaf: jax.Array, *, offset: jax.Array, inner: int, num_models: int) -> jax.Array:
+  """The M nets of outer iteration ``offset // inner`` at its inner step ``offset % inner``, from
+  a snapshot leaf ``[inner, C * M, ...]``."""
+  leaf = jax.lax.dynamic_index_in_dim(leaf, offset % inner, keepdims=False)
+  return jax.lax.dynamic_slice_in_dim(leaf, offset // inner * num_models, num_models)
 
 
 def check_trajectory_chunk(method: Method) -> None:
