@@ -31,6 +31,7 @@ def run(workdir: str | pathlib.Path) -> pathlib.Path:
     runner = importlib.import_module(f"experiments.{study}")
     configs = importlib.import_module(f"experiments.configs.{study}")
     runner.train_and_evaluate(configs.get_config(preset), workdir / study)
+    report_module.render(workdir / study)  # The study's own report.md, as its command writes.
     # The sections come from results.json, as ``python -m experiments.report`` renders them.
     results = report_module.load(workdir / study)
     report_module.module(study).add_sections(report, results, workdir / study)

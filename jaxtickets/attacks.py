@@ -108,6 +108,16 @@ def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -(true_logit - best_other) / (top3[:, 0] - top3[:, 2] + 1e-12)
 
 
+def _check_budget(eps: Any, num_steps: Any, step_size: Any = 1.0) -> None:
+  """ValueError for a Python ``eps`` < 0, ``step_size`` <= 0 or ``num_steps`` < 1: the attack
+  would run, not move, and report an inflated robust accuracy. Traced values pass."""
+  values = (eps, step_size, num_steps)
+  if all(isinstance(v, (int, float)) for v in values) and not (
+      eps >= 0 and step_size > 0 and num_steps >= 1):
+    raise ValueError(f"attack eps={eps!r}, step_size={step_size!r}, num_steps={num_steps!r}; "
+                     "expected eps >= 0, step_size > 0, num_steps >= 1")
+
+
 def _loss_fn(loss: str, kappa: float) -> LossFn:
   if loss == "ce":
     return optax.softmax_cross_entropy_with_integer_labels
@@ -293,6 +303,7 @@ def pgd(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree, x: jax.Array, y:
   """
   if norm not in NORMS:  # Any other name would silently be taken for L2.
     raise UserError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+  _check_budget(eps, num_steps, step_size)
   loss_fn = _loss_fn(loss, kappa)
 
   def run(batch_stats, key):
@@ -468,6 +479,7 @@ def apgd(apply_fn: ApplyFn, params: PyTree, batch_stats: PyTree, x: jax.Array, y
   Raises:
     UserError: unknown loss; DLR with fewer than 3 classes.
   """
+  _check_budget(eps, num_steps)
   loss_fn = _loss_fn(loss, kappa)
   is_checkpoint, interval = _checkpoint_table(num_steps)
 

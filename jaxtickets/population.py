@@ -3,7 +3,7 @@
 A population is any pytree (params, a ``TrainState``, a study's state, a ticket, ...) whose leaves
 all have the same leading size N, member ``i`` being ``tree[i]`` leaf by leaf. A step
 ``step(state, data) -> (state, metrics)`` keeps everything that differs per member in its state
-(keys, keep ratios, kept counts, masks), so running it over a population is a map over that axis.
+(keys, kept counts, masks), so running it over a population is a map over that axis.
 :func:`run` offers three maps; they compute the same function and differ only in speed and memory:
 
 * ``"vmap"``: one batched program. Fastest for small nets, where one member cannot fill the chip.

@@ -164,6 +164,8 @@ def kept_counts(tree: PyTree, keep_ratio: float | Sequence[float] | np.ndarray,
     ``kept_count(leaf.size, r)`` on prunable leaves, ``leaf.size`` elsewhere.
   """
   ratios = np.asarray(keep_ratio, np.float64)
+  if not np.all((ratios >= 0) & (ratios <= 1)):  # NaN or out of range: counts would be garbage.
+    raise ValueError(f"keep_ratio {keep_ratio!r} is not in [0, 1]")
 
   def count(leaf: Any) -> np.ndarray:
     # float64 as Python's; np.floor is int() for these non-negative products.
@@ -345,8 +347,10 @@ def prune_by_magnitude(params: PyTree, mask: PyTree, kept: PyTree, prunable: PyT
            for candidate, count in zip(candidates, counts)]
   else:
     raise UserError(f"scope must be 'global' or 'layer', got {scope!r}")
+  # A ``kept`` above the survivors would pick pruned weights too: those are never revived.
   new = iter(new)
-  return treedef.unflatten([next(new) if flag else keep for flag, keep in zip(flags, masks)])
+  return treedef.unflatten([next(new) & keep if flag else keep
+                            for flag, keep in zip(flags, masks)])
 
 
 # ----------------------------------------------------------------------------- signs

@@ -406,3 +406,21 @@ def test_unknown_names_and_too_few_classes_for_dlr_raise_user_error():
     run(attacks.get_attack("pgd", eps=0.1, step_size=0.1, num_steps=1, norm="l1"))
   with pytest.raises(UserError, match="unknown attack loss 'hinge'"):
     run(functools.partial(attacks.apgd, eps=0.1, num_steps=1, loss="hinge"))
+
+
+@pytest.mark.parametrize("options", [
+    {"eps": -0.1, "step_size": 0.1, "num_steps": 1}, {"eps": 0.1, "step_size": 0.0, "num_steps": 1},
+    {"eps": 0.1, "step_size": 0.1, "num_steps": 0}])
+def test_a_budget_that_cannot_move_the_input_is_refused(options):
+  # It would report the clean accuracy as robust accuracy.
+  x, y = jnp.zeros((2, 4, 4, 1)), jnp.array([0, 1])
+
+  def net(params, batch_stats, x, train, key=None):
+    return x.reshape(x.shape[0], -1)[:, :3] @ params, batch_stats
+
+  with pytest.raises(ValueError, match="expected eps >= 0, step_size > 0, num_steps >= 1"):
+    attacks.pgd(net, jnp.ones((3, 3)), {}, x, y, KEY, **options)
+  if "step_size" in options and options["step_size"] > 0:
+    with pytest.raises(ValueError, match="expected eps"):
+      attacks.apgd(net, jnp.ones((3, 3)), {}, x, y, KEY, eps=options["eps"],
+                   num_steps=options["num_steps"])

@@ -48,7 +48,7 @@ BAD_INPUTS = [
     ("dense", _set("milestones=(5, 2"), "--config.milestones=(5, 2"),
     ("rst", _set("natural_baseline=None"), "--config.natural_baseline=None"),
     ("distill", _set("flip=None"), "--config.flip=None"),
-    # Dense training (every study's training fields are checked by experiments.build).
+    # Dense training (every study's training fields are checked by experiments.checks).
     ("dense", _set("dataset=nope"), "unknown dataset"),
     ("dense", _set("model=nope"), "unknown model"),
     ("dense", _set("dataset=npz:/does/not/exist.npz"), "exist.npz"),
@@ -88,6 +88,10 @@ BAD_INPUTS = [
     ("rst", _set("val_fraction=1"), "val_fraction=1"),
     ("rst", _set("model_options.norm=group"), "model_options.norm='group' would be ignored"),
     ("rst", _set("strategy=shard"), "the tickets (keep_ratios): 2 members"),
+    ("rst", _set("dense_baseline.enabled=True", "dense_baseline.model_options.width=0"),
+     "dense_baseline.model_options.width=0"),
+    ("rst", _set("dense_baseline.enabled=True", "dense_baseline.model_options.use_bias=1"),
+     "dense_baseline.model_options.use_bias=1"),
     ("rst", _set("dense_baseline.enabled=True", "dense_baseline.model_options.norm=bn"),
      "unknown norm 'bn'"),
     ("rst", _set("finetune.init=rewind"), "unknown finetune.init 'rewind'"),
@@ -110,6 +114,8 @@ BAD_INPUTS = [
     ("aws", _set("methods=(['lrr'],)"), "expected names or numbers"),
     ("aws", _set("transfer.densities=(0.25, 0.26)"), "are both nearest round 2"),
     ("aws", _set("lmc.batch_size=5000"), "lmc.batch_size=5000 exceeds"),
+    ("aws", _set("train_subset=0.0"), "train_subset=0.0"),
+    ("aws", _set("test_subset=1.5"), "test_subset=1.5"),
     ("aws", _set("model_options.norm=none"), "AWS interpolates norm params"),
     ("aws", _set("methods=None"), "methods=None"),
     ("aws", _set("transfer.seeds=None"), "transfer.seeds=None"),

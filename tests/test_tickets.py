@@ -3,6 +3,7 @@
 import math
 
 import hypothesis
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -327,6 +328,26 @@ def test_prune_by_magnitude_per_layer_and_ties():
     kept_ties = new[old & (magnitude == threshold)]  # in flat order
     assert 0 < kept_ties.sum() < kept_ties.size, path  # the tie was split
     np.testing.assert_array_equal(kept_ties, np.sort(kept_ties)[::-1], err_msg=path)
+
+
+def test_prune_by_magnitude_never_revives_pruned_weights():
+  params = _tree(13)
+  flags = tickets.prunable(params)
+  mask = tickets.topk_mask(params, tickets.kept_counts(params, 0.5, flags), flags)
+  survivors = sum(int(np.sum(keep)) for keep, flag in zip(jax.tree.leaves(mask),
+                                                          jax.tree.leaves(flags)) if flag)
+  # More than the survivors: every survivor stays, and no pruned weight comes back.
+  for scope, kept in (("global", survivors + 5),
+                      ("layer", jax.tree.map(lambda keep: keep.size, mask))):
+    new_mask = tickets.prune_by_magnitude(params, mask, kept, flags, scope=scope)
+    chex.assert_trees_all_equal(new_mask, mask)
+
+
+@pytest.mark.parametrize("ratio", [1.5, -0.2, float("nan"), [0.5, 2.0]])
+def test_kept_counts_refuse_ratios_outside_0_1(ratio):
+  params = _tree(0)
+  with pytest.raises(ValueError, match="not in \\[0, 1\\]"):
+    tickets.kept_counts(params, ratio, tickets.prunable(params))
 
 
 def test_prune_by_magnitude_rejects_unknown_scope():

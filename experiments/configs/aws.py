@@ -1,6 +1,6 @@
 """Configs for A Winning Sign (``experiments/aws.py``).
 
-    python -m experiments.aws --config experiments/configs/aws.py:cifar100_resnet50 \
+    python -m experiments.aws --config experiments/configs/aws.py:cifar100_resnet50 \\
         --workdir runs/aws
 
 Presets are the keys of ``PRESETS``; override a field with ``--config.FIELD=VALUE``, e.g.
@@ -190,6 +190,9 @@ def check_config(config: ml_collections.ConfigDict) -> tuple[int, ...]:
   checks.check_int("pruning.epochs_per_round", pruning.epochs_per_round)
   checks.check_number("pruning.learning_rate", pruning.learning_rate, 0, strict=True)
   checks.check_int("eval_every_epochs", config.eval_every_epochs)
+  for name in ("train_subset", "test_subset"):
+    if config[name] is not None:
+      checks.check_number(name, config[name], 0, 1, strict=True)
   transfer = config.transfer
   checks.check_names("transfer.variants", transfer.variants, aws.TRAINED_TRANSFERS,
                      repeat="each runs once")

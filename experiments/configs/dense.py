@@ -1,6 +1,6 @@
 """Configs for dense training (the baseline every study compares against):
 
-    python -m experiments.dense --config experiments/configs/dense.py:cifar10_resnet18 \
+    python -m experiments.dense --config experiments/configs/dense.py:cifar10_resnet18 \\
         --workdir runs/r18 --config.data_dir=$HOME/tensorflow_datasets
 
 Presets: ``digits_convnet3`` (the demo's run; the default), ``small`` (the tests' run),

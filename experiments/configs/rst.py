@@ -191,10 +191,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       or not all(_is_number(ratio) and 0 < ratio <= 1 for ratio in ratios)):
     raise UserError(f"keep_ratios={ratios!r}; expected a non-empty sequence in (0, 1]")
   checks.check_distinct("keep_ratios", [float(r) for r in ratios], "its tickets would be identical")
-  if not (_is_number(config.val_fraction) and 0 < config.val_fraction < 1):
-    raise UserError(f"val_fraction={config.val_fraction!r}; expected a number in (0, 1)")
+  checks.check_val_fraction("val_fraction", config.val_fraction)
   checks.check_population_options(config)
-  checks.check_population_sizes(config, {"the tickets (keep_ratios)": len(ratios)})
+  checks.check_population_sizes(config, {
+      "the tickets (keep_ratios)": len(ratios),
+      **({"the dense baseline": 1} if config.dense_baseline.enabled else {})})
   _check_name("initializer", config.weight_init, INITIALIZER_NAMES)
   checks.check_sequence("eval.attacks", config.eval.attacks)
   if not set(config.eval.attacks) <= set(EVAL_ATTACKS) or "pgd" not in config.eval.attacks:
@@ -205,5 +206,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.finetune.epochs > 0:
     _check_name("initializer", config.finetune.weight_init, INITIALIZER_NAMES)
   if config.dense_baseline.enabled:
+    checks.check_model_options(config.dense_baseline.model_options, "dense_baseline.")
     # Which options a model takes does not depend on its number of classes.
     build.model(config, 1, **config.dense_baseline.model_options.to_dict())
