@@ -165,12 +165,10 @@ def make_sparse_step(model_apply_fn: train_lib.ApplyFn, optimizer: optax.Gradien
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         train.params)
-    updates, opt_state = optimizer.update(grads, train.opt_state, train.params)
+    train = train_lib.apply_gradients(train, grads, optimizer, batch_stats)
     # The masked forward already zeroes the gradient of pruned weights; re-masking keeps them
     # exactly zero under momentum and weight decay.
-    params = tickets.apply_mask(optax.apply_updates(train.params, updates), state.mask)
-    train = train._replace(step=train.step + 1, params=params, batch_stats=batch_stats,
-                           opt_state=opt_state)
+    train = train._replace(params=tickets.apply_mask(train.params, state.mask))
     return state._replace(train=train), {"loss": loss,
                                          "accuracy": metrics_lib.accuracy(logits, labels)}
 

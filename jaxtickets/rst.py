@@ -225,9 +225,7 @@ def _make_step(model_apply_fn: train_lib.ApplyFn, optimizer: optax.GradientTrans
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         train.params)
-    updates, opt_state = optimizer.update(grads, train.opt_state, train.params)
-    train = train._replace(step=train.step + 1, params=optax.apply_updates(train.params, updates),
-                           batch_stats=batch_stats, opt_state=opt_state)
+    train = train_lib.apply_gradients(train, grads, optimizer, batch_stats)
     return state._replace(train=train), {"loss": loss,
                                          "accuracy": metrics_lib.accuracy(logits, labels)}
 

@@ -149,6 +149,16 @@ def sample_batch(state: TrainState, data: Data, batch_size: int, augment: Augmen
   return data_lib.to_unit(images), labels, model_key
 
 
+def apply_gradients(state: TrainState, grads: PyTree, optimizer: optax.GradientTransformation,
+                    batch_stats: PyTree) -> TrainState:
+  """``state`` one optimizer step on: ``grads`` (shaped like ``state.params``) applied by
+  ``optimizer``, the forward pass's new ``batch_stats`` kept (flax's
+  ``TrainState.apply_gradients``)."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  return state._replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+
+
 def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, *,
                     batch_size: int, augment: Augment | None = crop_flip,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
@@ -194,11 +204,8 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
       return loss, (logits, new_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "accuracy": metrics_lib.accuracy(logits, labels)}
-    return state._replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                          opt_state=opt_state), metrics
+    return apply_gradients(state, grads, optimizer, batch_stats), metrics
 
   return step
 
